@@ -219,6 +219,21 @@ def test_pickle_needs_flag_and_then_matches(tmp_path, weights, ranks, converted)
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
+def test_bf16_kept_and_copied_bit_exact(tmp_path, weights, ranks):
+    from safetensors.torch import load_file
+
+    w16 = {k: v.to(torch.bfloat16) for k, v in weights.items()}
+    out = convert_qwen_v1(ConvertConfig(model=_make_v1(tmp_path / "v1", w16, ranks), output=tmp_path / "out"))
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    got, p = load_file(out / "model.safetensors"), "transformer.h.1."
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    _, k, v = w16[p + "attn.c_attn.weight"].split(H)
+    assert torch.equal(got["model.layers.1.self_attn.k_proj.weight"], k) and torch.equal(got["model.layers.1.self_attn.v_proj.weight"], v)
+    assert torch.equal(got["model.layers.1.self_attn.q_proj.bias"], w16[p + "attn.c_attn.bias"][:H])
+    assert torch.equal(got["model.layers.1.mlp.gate_proj.weight"], w16[p + "mlp.w2.weight"])
+    assert torch.equal(got["model.layers.1.mlp.up_proj.weight"], w16[p + "mlp.w1.weight"])
+    assert torch.equal(got["model.layers.1.self_attn.o_proj.weight"], w16[p + "attn.c_proj.weight"])
+
 def test_refuses_non_v1_and_existing_output(tmp_path, converted):
     src, out = converted
     with pytest.raises(QuantError, match="not a Qwen v1"):
@@ -230,6 +245,21 @@ def test_refuses_non_v1_and_existing_output(tmp_path, converted):
     (target / "stale.txt").write_text("old")
     convert_qwen_v1(ConvertConfig(model=src, output=target, force=True))
     assert (target / "config.json").is_file() and not (target / "stale.txt").exists()
+
+
+
+def test_cli_convert_json_and_errors(tmp_path, converted):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    src, _ = converted
+    out, report = tmp_path / "q2", tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["convert", str(src), "-o", str(out), "--json", str(report), "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(report.read_text())["output"] == str(out) and (out / "model.safetensors").is_file()
+    res = CliRunner().invoke(app, ["convert", str(src), "-o", str(out), "-q"])
+    assert isinstance(res.exception, QuantError) and "--force" in str(res.exception)  # main() maps it to exit code 2
 
 
 @pytest.mark.slow
