@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Diff our float GGUF against llama.cpp's own convert_hf_to_gguf.py output, value for value.
+
+Maintainer-run (llama.cpp is not shipped): point --convert at a llama.cpp checkout's
+convert_hf_to_gguf.py. Both files are written from MODEL with the same --outtype, then every
+metadata key (type and value) and every tensor (name, type, shape, bytes) is compared.
+
+    python bench/compare_llamacpp_convert.py ./Qwen2-0.5B --convert ~/llama.cpp/convert_hf_to_gguf.py
+
+Exit code 0: identical (except keys passed with --ignore); 1: differences (listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def fields(path: Path) -> dict[str, tuple[str, object]]:
+    import gguf
+
+    out = {}
+    for name, f in gguf.GGUFReader(path).fields.items():
+        if name.startswith("GGUF."):
+            continue
+        kind = "/".join(t.name for t in f.types)
+        val = f.contents()
+        out[name] = (kind, val)
+    return out
+
+
+def tensors(path: Path) -> dict[str, tuple[str, tuple, np.ndarray]]:
+    import gguf
+
+    return {t.name: (t.tensor_type.name, tuple(int(n) for n in t.shape), np.asarray(t.data))
+            for t in gguf.GGUFReader(path).tensors}
+
+
+def _short(v) -> str:
+    s = repr(v)
+    return s if len(s) < 120 else s[:117] + "..."
+
+
+def diff(ours: Path, theirs: Path, ignore: set[str]) -> list[str]:
+    problems = []
+    fa, fb = fields(ours), fields(theirs)
+    for k in sorted(set(fa) | set(fb)):
+        if k in ignore:
+            continue
+        if k not in fa:
+            problems.append(f"metadata {k}: missing in ours (llama.cpp: {_short(fb[k])})")
+        elif k not in fb:
+            problems.append(f"metadata {k}: only in ours ({_short(fa[k])})")
+        elif fa[k] != fb[k]:
+            problems.append(f"metadata {k}: ours {_short(fa[k])} != llama.cpp {_short(fb[k])}")
+    ta, tb = tensors(ours), tensors(theirs)
+    for k in sorted(set(ta) | set(tb)):
+        if k not in ta or k not in tb:
+            problems.append(f"tensor {k}: only in {'llama.cpp' if k in tb else 'ours'}")
+            continue
+        (qa, sa, da), (qb, sb, db) = ta[k], tb[k]
+        if (qa, sa) != (qb, sb):
+            problems.append(f"tensor {k}: ours {qa}{list(sa)} != llama.cpp {qb}{list(sb)}")
+        elif da.tobytes() != db.tobytes():
+            n = int((da.view(np.uint8) != db.view(np.uint8)).sum())
+            problems.append(f"tensor {k}: {n} bytes differ")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", type=Path, help="Hugging Face qwen2 checkpoint folder")
+    ap.add_argument("--convert", type=Path, required=True, help="llama.cpp's convert_hf_to_gguf.py")
+    ap.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16"])
+    ap.add_argument("--workdir", type=Path, default=None, help="keep both GGUFs here (default: a temp dir)")
+    ap.add_argument("--ignore", action="append", default=[], help="metadata key to skip (repeatable)")
+    args = ap.parse_args(argv)
+
+    from qwen_quant.export.gguf import write_float_gguf
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="gguf-compare-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ours, theirs = work / f"ours-{args.outtype}.gguf", work / f"llamacpp-{args.outtype}.gguf"
+    write_float_gguf(args.model, ours, args.outtype)
+    subprocess.run([sys.executable, str(args.convert), str(args.model), "--outfile", str(theirs),
+                    "--outtype", args.outtype], check=True)
+    problems = diff(ours, theirs, set(args.ignore))
+    for p in problems:
+        print(p)
+    print(f"{'IDENTICAL' if not problems else f'{len(problems)} difference(s)'}: {ours} vs {theirs}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

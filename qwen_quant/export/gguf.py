@@ -1,0 +1,222 @@
+"""HF qwen2 checkpoint -> float GGUF (F32/F16/BF16), the intermediate every quantized GGUF starts from.
+
+Built on gguf-py (``GGUFWriter``, ``MODEL_ARCH.QWEN2``, ``get_tensor_name_map``, ``SpecialVocab``,
+``Metadata``) so names, enums and the binary layout come from llama.cpp itself. The metadata is
+written value for value as llama.cpp's ``convert_hf_to_gguf.py`` writes it for ``Qwen2ForCausalLM``
+(``TextModel.set_gguf_parameters``, ``_set_vocab_gpt2``/``get_vocab_base``, ``Metadata.set_gguf_meta_model``);
+``bench/compare_llamacpp_convert.py`` diffs the two. We re-implement rather than import that script
+because it is not a package, pulls the whole llama.cpp tree, and is not on PyPI.
+
+Tied embeddings (Qwen2-0.5B/1.5B) need nothing special: the checkpoint has no ``lm_head.weight``, so no
+``output.weight`` is written and llama.cpp falls back to ``token_embd.weight`` for the output projection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from hashlib import sha256
+from pathlib import Path
+from typing import Iterator
+
+import gguf
+import numpy as np
+import torch
+
+from qwen_quant.errors import QuantError
+
+#: --outtype name -> (GGML tensor type for 2-D weights, GGUF general.file_type)
+OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+}
+
+#: HF architectures this writer handles (all load as llama.cpp's ``qwen2`` arch).
+ARCHITECTURES = ("Qwen2ForCausalLM",)
+
+#: Hashes of the pre-tokenizer check text that convert_hf_to_gguf.py maps to ``qwen2``.
+QWEN2_PRE_HASHES = frozenset({
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea",  # Qwen/Qwen1.5-7B
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c",  # Qwen/Qwen3-Embedding-0.6B
+})
+
+#: convert_hf_to_gguf.py's text for hashing a BPE pre-tokenizer (get_vocab_base_pre).
+CHKTXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'  # noqa: E501
+
+_SKIP_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
+
+
+def load_hparams(model_dir: Path) -> dict:
+    """config.json of a qwen2 checkpoint; the family registry refuses Qwen v1 (convert it first)."""
+    from qwen_quant.models.loader import check_model
+
+    _, hparams, family = check_model(model_dir)
+    arch = (hparams.get("architectures") or ["Qwen2ForCausalLM"])[0]
+    if family.name != "qwen2" or arch not in ARCHITECTURES:
+        raise QuantError(f"{model_dir}: architecture {arch} is not supported for GGUF; expected one of {ARCHITECTURES}")
+    return hparams
+
+
+def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor in the safetensors shards, in file order like convert_hf_to_gguf.py."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        parts = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        parts = sorted(p.name for p in model_dir.glob("model*.safetensors"))
+    if not parts:
+        raise QuantError(f"{model_dir} has no model*.safetensors; save the model with safetensors")
+    for part in parts:
+        with safe_open(model_dir / part, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def tensor_type(new_name: str, n_dims: int, outtype: str) -> gguf.GGMLQuantizationType:
+    """convert_hf_to_gguf.py's rule: 1-D tensors, norms and non-``.weight`` tensors stay F32."""
+    if n_dims <= 1 or new_name.endswith("_norm.weight") or not new_name.endswith(".weight"):
+        return gguf.GGMLQuantizationType.F32
+    return OUTTYPES[outtype][0]
+
+
+def add_tensors(writer: gguf.GGUFWriter, model_dir: Path, n_layers: int, outtype: str) -> None:
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, n_layers)
+    for name, t in iter_checkpoint(model_dir):
+        if name.endswith(_SKIP_SUFFIXES):
+            continue
+        new_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new_name is None:
+            raise QuantError(f"tensor {name} in {model_dir} has no GGUF name for qwen2; is this a plain Qwen2ForCausalLM?")
+        if t.dtype not in (torch.float16, torch.float32):
+            t = t.to(torch.float32)
+        data = t.numpy()
+        qtype = tensor_type(new_name, data.ndim, outtype)
+        writer.add_tensor(new_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+
+def add_metadata(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict, outtype: str) -> None:
+    """general.*, the qwen2 hyper-parameters and the file type, as convert_hf_to_gguf.py writes them."""
+    writer.add_type(gguf.GGUFType.MODEL)
+    total, shared, expert, n_expert = writer.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, model_dir, None, total)
+    if meta.name is None:
+        meta.name = model_dir.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, n_expert)
+    meta.set_gguf_meta_model(writer)
+
+    writer.add_block_count(hparams["num_hidden_layers"])
+    writer.add_context_length(hparams["max_position_embeddings"])
+    writer.add_embedding_length(hparams["hidden_size"])
+    writer.add_feed_forward_length(hparams["intermediate_size"])
+    writer.add_head_count(hparams["num_attention_heads"])
+    if (n_kv := hparams.get("num_key_value_heads")) is not None:
+        writer.add_head_count_kv(n_kv)
+    rope = hparams.get("rope_parameters", hparams.get("rope_scaling")) or {}
+    if "rope_theta" not in rope and "rope_theta" in hparams:
+        rope = {**rope, "rope_theta": hparams["rope_theta"]}
+    rope_type, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
+    if rope_type == "linear" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    elif rope_type == "yarn" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    if (theta := rope.get("rope_theta")) is not None:
+        writer.add_rope_freq_base(theta)
+    if (eps := hparams.get("rms_norm_eps")) is not None:
+        writer.add_layer_norm_rms_eps(eps)
+    if (head_dim := hparams.get("head_dim")) is not None:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_file_type(OUTTYPES[outtype][1])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def vocab_base(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str]:
+    """Tokens, token types and pre-tokenizer name, ported from convert_hf_to_gguf.py's get_vocab_base."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    chkhsh = sha256(str(tok.encode(CHKTXT)).encode()).hexdigest()
+    if chkhsh not in QWEN2_PRE_HASHES:
+        raise QuantError(f"{model_dir}: tokenizer is not the Qwen2 BPE tokenizer (pre-tokenizer hash {chkhsh[:12]}...); "
+                         "use the tokenizer files that ship with the Qwen2 model")
+    reverse = {i: t for t, i in tok.vocab.items()}
+    if max(reverse) >= vocab_size:
+        raise QuantError(f"{model_dir}: tokenizer has ids >= config vocab_size {vocab_size}; fix config.json")
+    added, decoder = tok.get_added_vocab(), tok.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        token = reverse[i]
+        if token in added:
+            if not decoder[i].normalized:  # llama.cpp expects control/user tokens pre-normalized
+                token = tok.decode(tok.encode(token, add_special_tokens=False))
+            if decoder[i].special or _looks_special(token):
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                token = token.replace("\u2581", " ")
+                types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+    return tokens, types, "qwen2"
+
+
+def _looks_special(token: str) -> bool:
+    """convert_hf_to_gguf.py's does_token_look_special."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<｜") and token.endswith("｜>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
+    """gpt2 BPE vocab, merges, special ids and chat template (``_set_vocab_gpt2``)."""
+    tokens, types, pre = vocab_base(model_dir, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=True).add_to_gguf(writer, quiet=True)
+
+
+def write_float_gguf(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
+    """Write ``model_dir`` as a float GGUF at ``out`` (temp file + rename, so ``out`` is complete or absent)."""
+    if outtype not in OUTTYPES:
+        raise QuantError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    model_dir, out = Path(model_dir), Path(out)
+    hparams = load_hparams(model_dir)
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
+    add_tensors(writer, model_dir, hparams["num_hidden_layers"], outtype)
+    add_metadata(writer, model_dir, hparams, outtype)
+    add_vocab(writer, model_dir, hparams["vocab_size"])
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Float view of every tensor in a GGUF (numpy shape, i.e. reversed GGML order), for tests and diffs."""
+    reader = gguf.GGUFReader(path)
+    out = {}
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type)
+        out[t.name] = np.asarray(data, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
+    return out

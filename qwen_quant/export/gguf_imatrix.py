@@ -1,0 +1,87 @@
+"""Importance matrix for GGUF quantization, computed in torch from our calibration samples.
+
+llama.cpp's ``llama-imatrix`` runs text through llama.cpp and, for every matmul weight of a block
+(``blk.*``), accumulates the per-input-column sum of x^2 over tokens plus the token count; the quantizer
+then uses sum/count as the weight of each column in its rounding-error objective. We collect the
+same statistic with forward pre-hooks on the torch model's ``nn.Linear`` layers, so the importance
+comes from the exact calibration set the GPTQ/AWQ paths use and no llama.cpp eval build is needed.
+Hand-written because it is ~40 lines and no library exposes these statistics for a HF model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import gguf
+import numpy as np
+
+from qwen_quant.errors import QuantError
+
+
+@dataclass
+class ImatrixStats:
+    """Per GGUF tensor name: sum over tokens of x^2 per input column, and the token count."""
+
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def values(self) -> dict[str, np.ndarray]:
+        """sum/count per column: what llama-quantize reads from an imatrix file."""
+        return {k: (s / self.counts[k]).astype(np.float32) for k, s in self.sums.items() if self.counts[k] > 0}
+
+
+def compute_imatrix(model, samples: Iterable[Sequence[int]], n_layers: int | None = None) -> ImatrixStats:
+    """Run ``samples`` (token id rows) through a HF Qwen2 ``model`` and collect x^2 sums per linear.
+
+    Only linears inside decoder blocks are recorded (``blk.*`` in GGUF), like llama-imatrix without
+    ``--process-output``.
+    """
+    import torch
+
+    n_layers = n_layers or model.config.num_hidden_layers
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, n_layers)
+    stats = ImatrixStats()
+    hooks = []
+
+    def hook(gguf_name):
+        def fn(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            s = (x * x).sum(0).cpu().numpy().astype(np.float64)
+            stats.sums[gguf_name] = stats.sums.get(gguf_name, 0) + s
+            stats.counts[gguf_name] = stats.counts.get(gguf_name, 0) + x.shape[0]
+        return fn
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            gname = name_map.get_name(name + ".weight", try_suffixes=(".weight",))
+            if gname is not None and gname.startswith("blk."):
+                hooks.append(mod.register_forward_pre_hook(hook(gname)))
+    if not hooks:
+        raise QuantError("found no decoder linears to collect an importance matrix from; is this a Qwen2 model?")
+    device = next(model.parameters()).device
+    n = 0
+    try:
+        with torch.inference_mode():
+            for row in samples:
+                ids = torch.as_tensor(np.asarray(row, dtype=np.int64), device=device).reshape(1, -1)
+                model(input_ids=ids, use_cache=False)
+                n += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if n == 0:
+        raise QuantError("no calibration samples for the importance matrix; give --calib data with at least one sample")
+    return stats
+
+
+def imatrix_for_model(model_dir: Path, samples: Iterable[Sequence[int]]) -> ImatrixStats:
+    """Load ``model_dir`` in fp32 on CPU/GPU and compute its importance matrix on ``samples``."""
+    from qwen_quant.models.loader import load_model
+
+    model = load_model(model_dir, device="auto", dtype="float32")
+    try:
+        return compute_imatrix(model, samples)
+    finally:
+        del model
