@@ -1,0 +1,247 @@
+"""The `qwen-quant` command line: thin typer commands that parse options and call one function each."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="qwen-quant",
+    help="Quantize Qwen checkpoints (GPTQ, AWQ, GGUF, ONNX) and validate every artifact against the full-precision model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+export_app = typer.Typer(help="Export a checkpoint to another runtime's format (gguf, onnx).", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+def _fail(err: Exception) -> None:
+    """Print a user error as one line and exit 2."""
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(2)
+
+
+def _emit(report, json_path: Optional[Path], title: str) -> None:
+    """Print the summary table, and write the JSON report when asked (``-`` means stdout)."""
+    from qwen_quant.report import print_table
+
+    if json_path is not None and str(json_path) == "-":
+        import json
+
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    print_table(report, title=title)
+    if json_path is not None:
+        report.write_json(json_path)
+        typer.echo(f"report written to {json_path}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Artifact to measure: checkpoint folder (full, GPTQ, AWQ, compressed-tensors), .gguf file, or ONNX folder/file."),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Full-precision checkpoint to compare against (KL, top-1, greedy parity)."),
+    backend: Optional[str] = typer.Option(None, help="torch, llama.cpp or onnxruntime (default: the artifact's natural runtime)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    dtype: Optional[str] = typer.Option(None, help="Compute dtype on the torch backend: fp32, fp16, bf16 (default fp32 on CPU, bf16 on CUDA)."),
+    ctx: int = typer.Option(512, help="Window length in tokens."),
+    method: str = typer.Option("windows", help="windows (llama-perplexity: non-overlapping, score 2nd half) or stride (HF sliding window)."),
+    stride: Optional[int] = typer.Option(None, help="Stride for --method stride (default ctx/2)."),
+    data: str = typer.Option("shipped", help="Evaluation text: shipped, a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG[:SPLIT]] from the local cache."),
+    max_tokens: Optional[int] = typer.Option(None, help="Use only the first N tokens of the evaluation text."),
+    greedy_tokens: int = typer.Option(32, help="Tokens decoded per prompt for greedy parity (0 to skip)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder (default: the reference's, else the artifact's)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Perplexity of MODEL and, with --reference, its parity with the full-precision model.
+
+    Example: qwen-quant eval ./Qwen2-1.5B-GPTQ-Int4 --reference ./Qwen2-1.5B --json report.json
+    """
+    from qwen_quant.progress import set_quiet
+    from qwen_quant.report import Report
+    from qwen_quant.validate import EvalConfig, run_eval
+
+    set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
+    cfg = EvalConfig(ctx=ctx, method=method, stride=stride, data=data, max_tokens=max_tokens, greedy_tokens=greedy_tokens)
+    result = run_eval(model, cfg, reference=reference, backend=backend, device=device, dtype=dtype, tokenizer=tokenizer)
+    _emit(Report([result]), json_out, f"qwen-quant eval: {model}")
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(..., help="Checkpoint folder or cached hub id."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Family, sizes and quirks of a checkpoint.
+
+    Example: qwen-quant info ./Qwen1.5-72B-Chat
+    """
+    import dataclasses
+    import json
+
+    from qwen_quant.models import check_model, model_info
+
+    path, cfg, _ = check_model(model)
+    mi = model_info(cfg, path)
+    d = {**dataclasses.asdict(mi), "gqa": mi.gqa, "quirks": mi.quirks(), "path": str(path)}
+    if json_out:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{path}", show_header=False)
+    for k, v in d.items():
+        t.add_row(k, ", ".join(v) if isinstance(v, list) else str(v))
+    Console().print(t)
+
+
+@app.command()
+def gptq(
+    model: str = typer.Argument(..., help="Full-precision Qwen checkpoint folder (or cached hub id)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder for the quantized checkpoint."),
+    bits: int = typer.Option(4, help="Weight bits: 2, 3, 4 or 8."),
+    group_size: int = typer.Option(128, help="Columns per quantization group: 32, 64, 128 or -1 (per channel)."),
+    desc_act: bool = typer.Option(False, "--desc-act/--no-desc-act", help="Act-order: quantize columns by decreasing Hessian diagonal (static groups)."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid (zero point fixed at the middle) or asymmetric."),
+    damp: float = typer.Option(0.01, help="Hessian dampening, fraction of its mean diagonal."),
+    fmt: str = typer.Option("gptq", "--format", help="gptq (classic GPTQ, as Qwen's -GPTQ-Int4/Int8) or compressed-tensors (W4A16/W8A16 pack-quantized)."),
+    calib: str = typer.Option("shipped", help="Calibration text: shipped, a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG[:SPLIT]]."),
+    nsamples: int = typer.Option(128, help="Calibration samples."),
+    seqlen: int = typer.Option(512, help="Tokens per calibration sample."),
+    seed: int = typer.Option(0, help="Seed for calibration sampling."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Chat-formatted calibration samples (default: when the folder name says chat/instruct)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    pad: bool = typer.Option(False, help="Pad the MLP intermediate size with zero units when the group size does not divide it (exact)."),
+    force: bool = typer.Option(False, help="Replace an existing output folder."),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Measure perplexity and parity against the original after writing."),
+    ctx: int = typer.Option(512, help="Validation window length."),
+    max_tokens: Optional[int] = typer.Option(None, help="Validate on the first N evaluation tokens only."),
+    rtn: bool = typer.Option(False, "--rtn", help="Round-to-nearest instead of GPTQ (a baseline), same grid and format."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """GPTQ weight-only quantization, layer by layer, then validation against the original.
+
+    Example: qwen-quant gptq ./Qwen1.5-7B-Chat --bits 4 -o ./Qwen1.5-7B-Chat-GPTQ-Int4
+    """
+    from qwen_quant.calib import CalibConfig
+    from qwen_quant.progress import set_quiet
+    from qwen_quant.quantize import QuantConfig, quantize_model
+    from qwen_quant.validate import EvalConfig
+
+    set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
+    cfg = QuantConfig(model=model, output=str(output), method="rtn" if rtn else "gptq", bits=bits, group_size=group_size,
+                      sym=sym, desc_act=desc_act, damp=damp, format=fmt, calib=CalibConfig(calib, nsamples, seqlen, seed),
+                      chat=chat, device=device, pad=pad, force=force, validate=validate,
+                      eval=EvalConfig(ctx=ctx, max_tokens=max_tokens))
+    out, report = quantize_model(cfg)
+    _print_quant_summary(report.extra["quantize"], out)
+    if report.results:
+        _emit(report, json_out, f"qwen-quant gptq: {out}")
+    elif json_out is not None:
+        report.write_json(json_out) if str(json_out) != "-" else typer.echo(__import__("json").dumps(report.to_dict(), indent=2))
+
+
+def _print_quant_summary(s: dict, out: Path) -> None:
+    from qwen_quant.progress import log
+
+    gb = 2**30
+    peak = f", peak GPU {s['peak_gpu_bytes'] / gb:.2f} GiB" if s.get("peak_gpu_bytes") else ""
+    log(f"[bold]{s['method']} int{s['bits']} g{s['group_size']}[/bold] -> {out}: "
+        f"{s['size_before_bytes'] / 2**20:.1f} MiB -> {s['size_after_bytes'] / 2**20:.1f} MiB, {s['seconds']:.1f}s, "
+        f"peak RSS {s['peak_rss_bytes'] / gb:.2f} GiB{peak}")
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("qwen-quant-demo"), "--workdir", "-w", help="Where artifacts and the report go."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Build (or reuse) the embedded default model and run the main job on it end to end.
+
+    Example: qwen-quant demo --workdir /tmp/demo
+    """
+    from qwen_quant.demo import run_demo
+    from qwen_quant.progress import set_quiet
+
+    set_quiet(quiet)
+    _emit(run_demo(workdir), json_out, "qwen-quant demo")
+
+
+@app.command()
+def convert(
+    model: str = typer.Argument(..., help="Qwen v1 checkpoint folder (QWenLMHeadModel, qwen.tiktoken) or cached hub id like Qwen/Qwen-7B."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the qwen2 checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pytorch_model*.bin (pickle) weights when there are no safetensors."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the conversion report here ('-' for stdout)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Convert a Qwen v1 checkpoint (Qwen-7B/14B/72B) into a plain transformers qwen2 checkpoint.
+
+    Example: qwen-quant convert ./Qwen-7B-Chat -o ./Qwen-7B-Chat-qwen2
+    """
+    import json
+
+    from qwen_quant.convert.qwen_v1 import REPORT_FILE, ConvertConfig, convert_qwen_v1
+    from qwen_quant.models.loader import resolve_model
+    from qwen_quant.progress import log, set_quiet
+
+    to_stdout = json_out is not None and str(json_out) == "-"
+    set_quiet(quiet or to_stdout)
+    out = convert_qwen_v1(ConvertConfig(model=resolve_model(model), output=output, force=force, allow_pickle=allow_pickle))
+    report = json.loads((out / REPORT_FILE).read_text())
+    if to_stdout:
+        typer.echo(json.dumps({"output": str(out), **report}, indent=2, ensure_ascii=False))
+        return
+    if json_out is not None:
+        json_out.write_text(json.dumps({"output": str(out), **report}, indent=2, ensure_ascii=False) + "\n")
+    log(f"wrote {out} ({report['tensors_written']} tensors, {report['dtype']}); identical to v1 up to "
+        f"{report['identical_up_to_tokens']} tokens of context, see {out / REPORT_FILE}")
+
+
+@export_app.command("gguf")
+def export_gguf_cmd(
+    model: str = typer.Argument(..., help="qwen2 checkpoint folder (Qwen v1: run `qwen-quant convert` first)."),
+    types: str = typer.Option("q4_k_m", "--type", "-t", help="Comma-separated GGUF types: q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, q4_1, q4_0, q3_k_l, q3_k_m, q3_k_s, q2_k, f16, bf16, f32."),
+    outdir: Optional[Path] = typer.Option(None, "--outdir", "-o", help="Folder for <name>-<type>.gguf (default: <model>-gguf)."),
+    outtype: str = typer.Option("f16", help="Float intermediate the quantized types are made from: f16, bf16 or f32."),
+    imatrix: bool = typer.Option(False, "--imatrix/--no-imatrix", help="Weight the quantization error by an importance matrix from the calibration data."),
+    calib: str = typer.Option("shipped", help="Calibration text for --imatrix: shipped, a .txt/.jsonl/.parquet file, or hf:NAME."),
+    nsamples: int = typer.Option(64, help="Calibration windows for --imatrix."),
+    seqlen: int = typer.Option(512, help="Tokens per calibration window."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Perplexity + parity of every file against MODEL on llama.cpp."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the validation report here ('-' for stdout)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Export MODEL to GGUF and quantize it with llama.cpp's own quantizer, one file per type.
+
+    Example: qwen-quant export gguf ./Qwen2-1.5B --type q4_k_m,q5_k_m,q8_0 --imatrix -o ./gguf
+    """
+    from qwen_quant.export.gguf_export import GGUFExportConfig, export_gguf
+    from qwen_quant.progress import set_quiet
+
+    set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
+    export_gguf(GGUFExportConfig(model=model, types=types, outdir=None if outdir is None else str(outdir), outtype=outtype,
+                                 imatrix=imatrix, calib=calib, nsamples=nsamples, seqlen=seqlen, force=force,
+                                 validate=validate, json=None if json_out is None else str(json_out)))
+
+
+def main() -> None:  # console-script entry point
+    from qwen_quant.errors import QuantError
+
+    try:
+        app()
+    except QuantError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Small trained Qwen2-architecture models for tests, the demo and benchmarks."""
