@@ -50,6 +50,7 @@ class OnnxExportConfig:
     symmetric: bool = True
     int4_embeddings: bool = True  # GatherBlockQuantized for the token embedding, when ORT has it
     int8: bool = False
+    accuracy_level: int | None = None  # MatMulNBits compute: None/0 = float, 4 = int8 activations (faster on CPU)
     force: bool = False
     validate: bool = True
     json: str | None = None
@@ -232,7 +233,8 @@ def _quantize(proto, cfg: OnnxExportConfig):
 
     if cfg.int4:
         log(f"int4 weight-only (MatMulNBits, block {cfg.block_size}, {'sym' if cfg.symmetric else 'asym'})")
-        return onnx_quant.quantize_int4(proto, cfg.block_size, cfg.symmetric, embeddings=cfg.int4_embeddings)
+        return onnx_quant.quantize_int4(proto, cfg.block_size, cfg.symmetric, embeddings=cfg.int4_embeddings,
+                                          accuracy_level=cfg.accuracy_level)
     log("int8 dynamic quantization of MatMul weights")
     return onnx_quant.quantize_int8(proto)
 
