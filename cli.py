@@ -233,6 +233,33 @@ def export_gguf_cmd(
                                  validate=validate, json=None if json_out is None else str(json_out)))
 
 
+@export_app.command("onnx")
+def export_onnx_cmd(
+    model: str = typer.Argument(..., help="qwen2 checkpoint folder (Qwen v1: run `qwen-quant convert` first)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default: <model>-onnx[-fp16][-int4|-int8])."),
+    fp16: bool = typer.Option(False, "--fp16", help="Export float16 weights and KV cache (default float32)."),
+    int4: bool = typer.Option(False, "--int4", help="Weight-only int4 with onnxruntime's MatMulNBits (embedding too when ORT supports it)."),
+    block_size: int = typer.Option(32, "--block-size", help="int4 block size along the input dimension: 16, 32, 64, 128."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="int4 symmetric (no zero points) or asymmetric."),
+    int8: bool = typer.Option(False, "--int8", help="Dynamic int8 quantization of MatMul weights and the embedding (CPU)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Perplexity + parity against MODEL on onnxruntime."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the validation report here ('-' for stdout)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Export MODEL to ONNX with a KV cache (optimum / onnxruntime-genai layout), optionally int4 or int8.
+
+    Example: qwen-quant export onnx ./Qwen2-0.5B --int4 --block-size 32 -o ./qwen2-0.5b-onnx-int4
+    """
+    from qwen_quant.export.onnx import OnnxExportConfig, export_onnx
+    from qwen_quant.progress import set_quiet
+
+    set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
+    export_onnx(OnnxExportConfig(model=model, output=None if output is None else str(output), fp16=fp16, int4=int4,
+                                 block_size=block_size, symmetric=sym, int8=int8, force=force, validate=validate,
+                                 json=None if json_out is None else str(json_out)))
+
+
 def main() -> None:  # console-script entry point
     from qwen_quant.errors import QuantError
 

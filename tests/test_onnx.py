@@ -22,7 +22,8 @@ PROMPTS = [[151644, 872, 198, 3838, 374, 279, 6722, 315, 9625, 30, 151645, 198, 
 def _export(model, out, **kw):
     from qwen_quant.export.onnx import OnnxExportConfig, export_onnx
 
-    return export_onnx(OnnxExportConfig(model=str(model), output=str(out), validate=False, **kw))
+    kw.setdefault("validate", False)
+    return export_onnx(OnnxExportConfig(model=str(model), output=str(out), **kw))
 
 
 def _eval_ids(n=2, t=48):
@@ -176,3 +177,25 @@ def test_backend_rejects_non_onnx(tmp_path):
         from qwen_quant.backends.onnxrt import pick_providers
 
         pick_providers("cuda")
+
+
+
+def test_cli_export(untied_model, tmp_path, run_cli):
+    out = tmp_path / "cli-onnx"
+    code, _, err = run_cli("export", "onnx", untied_model, "-o", out, "--no-validate", "-q")
+    assert code == 0, err
+    assert (out / "model.onnx").exists() and (out / "genai_config.json").exists()
+    code, _, err = run_cli("export", "onnx", untied_model, "-o", out, "--no-validate")
+    assert code == 2 and "--force" in err
+
+
+def test_export_validates_with_report(untied_model, tmp_path):
+    """Validation after export runs the lead's run_eval on onnxruntime against torch and writes the report."""
+    report = tmp_path / "report.json"
+    _export(untied_model, tmp_path / "v", int4=True, validate=True, json=str(report), eval_ctx=128, eval_max_tokens=512)
+    r = json.loads(report.read_text())["results"][0]
+    m = r["metrics"]
+    print(f"validation of int4 export: ppl {m['perplexity']:.3f} vs ref {m['ref_perplexity']:.3f}, "
+          f"KL {m['kl_mean']:.4f}, top-1 {m['top1_agreement']:.3f}, greedy exact {m.get('greedy_exact')}/{m.get('greedy_prompts')}")
+    assert r["backend"]["name"] == "onnxruntime" and r["artifact"]["type"] == "onnx-int4"
+    assert m["top1_agreement"] > 0.8 and m["ppl_ratio"] < 1.2

@@ -19,12 +19,15 @@ Weights go to an external ``model.onnx.data`` file when they exceed ``external_d
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,8 +69,11 @@ class OnnxExportConfig:
             raise QuantError(f"--block-size {self.block_size} is not supported; use a power of two >= 16 (32, 64, 128)")
 
     def default_output(self) -> Path:
+        """<model>-onnx[-fp16][-int4|-int8] next to a local model; in the current folder for a hub id."""
         suffix = "-onnx" + ("-fp16" if self.fp16 else "") + ("-int4" if self.int4 else "") + ("-int8" if self.int8 else "")
-        return Path(str(Path(self.model).expanduser()).rstrip("/") + suffix)
+        src = Path(self.model).expanduser()
+        base = src.resolve() if src.exists() else Path.cwd() / src.name
+        return base.with_name(base.name + suffix)
 
 
 def input_names(n_layers: int) -> list[str]:
@@ -134,7 +140,9 @@ def torch_to_onnx(model, opset: int = 18):
     args, dyn = example_inputs(cfg, next(model.parameters()).dtype)
     wrapper = _wrapper_class()(model).eval()
     n = cfg.num_hidden_layers
-    with torch.no_grad():
+    # The exporter prints its steps on stdout; keep stdout clean for --json -.
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         prog = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=dyn, opset_version=opset,
                                  input_names=input_names(n), output_names=output_names(n), optimize=True,
                                  verbose=False)
@@ -242,17 +250,18 @@ def _quantize(proto, cfg: OnnxExportConfig):
 def _validate(out: Path, src: Path, cfg: OnnxExportConfig) -> None:
     """Perplexity + parity of the ONNX folder against the source checkpoint (lead's run_eval)."""
     try:
-        from qwen_quant.report import Report
+        from qwen_quant.report import Report, print_table
         from qwen_quant.validate import EvalConfig, run_eval
     except ImportError as err:  # validation modules missing from a partial install
         raise QuantError(f"validation is unavailable ({err}); rerun with --no-validate") from None
     ecfg = EvalConfig(ctx=cfg.eval_ctx, max_tokens=cfg.eval_max_tokens)
     kind = "onnx-" + ("int4" if cfg.int4 else "int8" if cfg.int8 else "fp16" if cfg.fp16 else "fp32")
-    result = run_eval(out, ecfg, reference=src, backend="onnxruntime", device="cpu", artifact_type=kind)
+    result = run_eval(out, ecfg, reference=src, backend="onnxruntime", device="auto", ref_device="cpu",
+                      artifact_type=kind)
     report = Report(results=[result])
+    if cfg.json and str(cfg.json) == "-":
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    print_table(report, title=f"ONNX export {out.name}")
     if cfg.json:
         report.write_json(cfg.json)
-    else:
-        from qwen_quant.report import print_table
-
-        print_table(report, title=f"ONNX export {out.name}")
