@@ -14,7 +14,7 @@ Perplexity methods (documented in README.md, "Metrics"):
 Parity against a reference, on exactly the scored positions above and identical token ids:
 top-1 agreement (argmax equal), KL(P_ref || P_test) per position (mean, p99, max).
 We write these ourselves because they must run identically over every backend's numpy logits;
-they are a few lines of log-softmax arithmetic in float64.
+they are a few lines of log-softmax arithmetic (float32 per position, sums in float64) on torch's kernels.
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ def windows(n_tokens: int, ctx: int, method: str = "windows", stride: int | None
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64, copy=False)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    """float32 log-softmax over the last axis (torch's kernel: multithreaded, numerically stable)."""
+    import torch
+
+    return torch.log_softmax(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), dim=-1).numpy()
 
 
 @dataclass
@@ -61,15 +62,18 @@ class Accumulator:
 
     def add(self, logits: np.ndarray, targets: np.ndarray, ref_logits: np.ndarray | None = None) -> None:
         """``logits`` [T, V] at the scored positions, ``targets`` [T] the tokens that follow them."""
-        lp = log_softmax(logits)
-        self.nll.append(-lp[np.arange(len(targets)), targets])
+        import torch
+
+        lp = torch.from_numpy(log_softmax(logits))
+        self.nll.append(-lp[torch.arange(len(targets)), torch.from_numpy(np.asarray(targets))].numpy())
         if ref_logits is not None:
-            lr = log_softmax(ref_logits)
-            self.kl.append(np.maximum((np.exp(lr) * (lr - lp)).sum(-1), 0.0))
+            lr = torch.from_numpy(log_softmax(ref_logits))
+            kl = (lr.exp() * (lr - lp)).sum(-1, dtype=torch.float64)
+            self.kl.append(torch.clamp(kl, min=0.0).numpy())
             self.top1.append(ref_logits.argmax(-1) == logits.argmax(-1))
 
     def result(self) -> dict[str, float]:
-        nll = np.concatenate(self.nll) if self.nll else np.zeros(0)
+        nll = np.concatenate(self.nll).astype(np.float64) if self.nll else np.zeros(0)
         out = {"tokens_scored": int(nll.size), "perplexity": float(np.exp(nll.mean())) if nll.size else float("nan"),
                "nll_mean": float(nll.mean()) if nll.size else float("nan")}
         if self.kl:

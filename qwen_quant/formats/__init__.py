@@ -1,0 +1,51 @@
+"""Checkpoint formats: packers, their unpackers, and dense loading of quantized checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load_dequantized(model_dir: str | Path, method: str, dtype: torch.dtype = torch.float32):
+    """A dense transformers model rebuilt from a GPTQ or AWQ checkpoint (our own unpackers).
+
+    Used by validation so an artifact is measured as written, on CPU, with no GPU kernel package.
+    """
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qwen_quant.formats.checkpoint import WeightStore
+
+    model_dir = Path(model_dir)
+    raw = json.loads((model_dir / "config.json").read_text())
+    qc = raw["quantization_config"]
+    cfg = AutoConfig.from_pretrained(str(model_dir))
+    cfg.quantization_config = None
+    del cfg.quantization_config
+    if method == "gptq":
+        from qwen_quant.formats.gptq import dequantize
+    else:
+        from qwen_quant.formats.awq import dequantize
+    store = WeightStore(model_dir)
+    sd = {}
+    for name in store.where:
+        if name.endswith((".qweight",)):
+            base = name[: -len(".qweight")]
+            parts = {k: store.get(k) for k in store.names(base + ".")}
+            sd[f"{base}.weight"] = dequantize(parts, base, qc["bits"]).to(dtype)
+        elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+            sd[name] = store.get(name).to(dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    missing = set(model.state_dict()) - set(sd)
+    if cfg.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise RuntimeError(f"{model_dir}: tensors missing after unpacking: {sorted(missing)[:5]}")
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # non-persistent buffers, not in the file
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()

@@ -1,0 +1,81 @@
+"""The quantization config dataclass that the CLI and recipes fill, and its input checks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from qwen_quant.calib import CalibConfig
+from qwen_quant.errors import QuantError
+from qwen_quant.validate import EvalConfig
+
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128, -1)
+FORMATS = {"gptq": ("gptq", "compressed-tensors"), "rtn": ("gptq", "compressed-tensors"),
+           "awq": ("awq", "compressed-tensors")}
+
+
+@dataclass
+class QuantConfig:
+    model: str
+    output: str
+    method: str = "gptq"  # gptq | rtn | awq
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    damp: float = 0.01
+    format: str = "gptq"
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    chat: bool | None = None  # None: chat-formatted calibration when the model folder name says chat/instruct
+    device: str = "auto"
+    pad: bool = False
+    force: bool = False
+    validate: bool = True
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    batch_size: int = 4
+    options: dict = field(default_factory=dict)  # method-specific extras (e.g. AWQ's clip search)
+
+    def check(self) -> None:
+        if self.method not in FORMATS:
+            raise QuantError(f"unknown method {self.method!r}; use one of {', '.join(FORMATS)}")
+        if self.bits not in BITS:
+            raise QuantError(f"--bits {self.bits} is not supported; use one of {', '.join(map(str, BITS))}")
+        if self.group_size not in GROUP_SIZES:
+            raise QuantError(f"--group-size {self.group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
+        if self.format not in FORMATS[self.method]:
+            raise QuantError(f"--format {self.format} is not available for {self.method}; use one of {', '.join(FORMATS[self.method])}")
+        if self.format == "compressed-tensors" and self.bits not in (4, 8):
+            raise QuantError("compressed-tensors output is written for 4 or 8 bits (W4A16/W8A16); use --format gptq for other widths")
+        if not 0 < self.damp < 1:
+            raise QuantError(f"--damp {self.damp} must be between 0 and 1 (fraction of the mean Hessian diagonal)")
+
+
+def plan_padding(cfg: QuantConfig, hf: dict) -> int:
+    """Extra zero intermediate units to add, or a QuantError that says why and what to do.
+
+    Only the MLP's intermediate size may be padded: zero rows in gate/up and zero columns in down
+    leave the model's function unchanged (silu(0) * 0 = 0). ``--pad`` pads it to a multiple of
+    8 x group size, which is what Qwen did for Qwen2-72B's GPTQ/AWQ releases (29568 -> 29696), so
+    that groups also split evenly across up to 8 GPUs of tensor parallelism.
+    """
+    gs, bits = cfg.group_size, cfg.bits
+    hidden = hf["hidden_size"]
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hidden // heads
+    inter = hf["intermediate_size"]
+    word = 32 // math.gcd(bits, 32)  # in-features per whole int32 word of codes
+    dims = {"hidden size (q/k/v/gate/up in-features)": hidden, "attention width (o_proj in-features)": heads * head_dim}
+    for what, d in dims.items():
+        if gs != -1 and d % gs:
+            raise QuantError(f"group size {gs} does not divide the {what} {d}; choose a group size that divides it")
+        if d % word:
+            raise QuantError(f"the {what} {d} cannot be packed at {bits} bits (needs a multiple of {word})")
+    step = word if gs == -1 else gs * word // math.gcd(gs, word)
+    if cfg.pad:
+        step = step * 8 if gs != -1 else step
+        return (-inter) % step
+    if inter % step:
+        raise QuantError(f"group size {gs} does not divide the intermediate size {inter} (down_proj in-features); "
+                         "pass --pad to pad it with zero units (exact, as Qwen did for Qwen2-72B) or choose another group size")
+    return 0

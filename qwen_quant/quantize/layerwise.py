@@ -1,0 +1,114 @@
+"""The layer-by-layer driver shared by GPTQ and AWQ: load layer -> capture -> quantize -> write -> free.
+
+The model is built on the meta device and each decoder layer is materialised from the checkpoint's
+shards only while it is being quantized, so the full model never has to fit on the device (how a
+72B model is quantized on one 80 GB GPU). Calibration activations flow through the layers already
+quantized, as in the GPTQ reference. Linears are visited in the family's true-sequential groups:
+a group's inputs are captured after the previous groups of the same layer were quantized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from qwen_quant.formats.checkpoint import WeightStore
+from qwen_quant.models.registry import QwenFamily
+
+
+def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+@dataclass
+class Layerwise:
+    model_dir: str
+    config: dict
+    family: QwenFamily
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    intermediate_pad: int = 0  # extra zero intermediate units (see `--pad`)
+    batch_size: int = 4
+
+    def __post_init__(self):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.store = WeightStore(self.model_dir)
+        cfg = AutoConfig.from_pretrained(self.model_dir)
+        cfg.intermediate_size += self.intermediate_pad
+        self.hf_config = cfg
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=self.dtype)
+        self.layers = get_module(self.skeleton, self.family.layers_path)
+        self.rotary = type(self.skeleton.model.rotary_emb)(config=cfg).to(self.device)
+
+    # -- weights -----------------------------------------------------------------------------
+    def _tensor(self, name: str) -> torch.Tensor:
+        t = self.store.get(name)
+        if self.intermediate_pad:
+            if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+                t = torch.cat([t, t.new_zeros(self.intermediate_pad, t.shape[1])], 0)
+            elif name.endswith("mlp.down_proj.weight"):
+                t = torch.cat([t, t.new_zeros(t.shape[0], self.intermediate_pad)], 1)
+        return t
+
+    def load(self, path: str) -> torch.nn.Module:
+        """Materialise module ``path`` (e.g. "model.layers.3") on the device."""
+        module = get_module(self.skeleton, path)
+        sd = {k: self._tensor(f"{path}.{k}").to(self.device, self.dtype) for k in module.state_dict()}
+        module.load_state_dict(sd, assign=True)
+        return module
+
+    def unload(self, path: str) -> None:
+        module = get_module(self.skeleton, path)
+        module.to_empty(device="meta")
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def raw(self, path: str) -> dict[str, torch.Tensor]:
+        """Tensors under ``path`` as stored (for copying non-quantized parts)."""
+        return {k: self._tensor(k) for k in self.store.names(path + ".")} if path else {}
+
+    # -- activations -------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self._tensor(f"{self.family.embed_path}.weight").to(self.device, self.dtype)
+        h = torch.nn.functional.embedding(ids.to(self.device), w)
+        del w
+        seq = ids.shape[1]
+        pos = torch.arange(seq, device=self.device)[None]
+        cos, sin = self.rotary(h[:1], pos)
+        self.pos_emb = (cos.to(self.dtype), sin.to(self.dtype))
+        self.pos_ids = pos
+        return h
+
+    @torch.no_grad()
+    def forward(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Run ``layer`` on every calibration sample (causal attention via SDPA, no mask needed)."""
+        outs = torch.empty_like(hidden)
+        for i in range(0, hidden.shape[0], self.batch_size):
+            out = layer(hidden[i:i + self.batch_size], attention_mask=None, position_ids=self.pos_ids,
+                        position_embeddings=self.pos_emb)
+            outs[i:i + self.batch_size] = out[0] if isinstance(out, tuple) else out
+        return outs
+
+    @torch.no_grad()
+    def capture(self, layer: torch.nn.Module, names: Iterable[str], fn: Callable[[str, torch.Tensor], None],
+                hidden: torch.Tensor) -> None:
+        """Call ``fn(name, input)`` for the input of each named linear while the layer runs on all samples."""
+        with hooks(layer, names, fn):
+            self.forward(layer, hidden)
+
+
+@contextlib.contextmanager
+def hooks(layer: torch.nn.Module, names: Iterable[str], fn):
+    handles = [get_module(layer, n).register_forward_hook(lambda m, inp, out, n=n: fn(n, inp[0])) for n in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

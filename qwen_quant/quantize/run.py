@@ -1,0 +1,174 @@
+"""`quantize_model`: inputs -> calibration -> layer-by-layer quantization -> checkpoint -> validation."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from qwen_quant.errors import QuantError
+from qwen_quant.models import check_model, load_tokenizer, pick_device
+from qwen_quant.progress import log, progress
+from qwen_quant.quantize.config import QuantConfig, plan_padding
+from qwen_quant.quantize.gptq import Hessian, gptq_quantize
+from qwen_quant.quantize.grid import Grid, QuantResult, rtn_quantize
+from qwen_quant.quantize.layerwise import Layerwise, get_module
+from qwen_quant.report import Report
+
+
+def _relative_error(w: torch.Tensor, r: QuantResult, H: torch.Tensor) -> float:
+    """||(W - Q) X||^2 / ||W X||^2 estimated through the input Hessian (undamped)."""
+    d = w.float() - r.dequant().to(w.device)
+    num = torch.einsum("ij,jk,ik->", d, H, d)
+    den = torch.einsum("ij,jk,ik->", w.float(), H, w.float())
+    return float(num / den.clamp_min(1e-20))
+
+
+def quantize_group(lw: Layerwise, layer, names, hidden, cfg: QuantConfig, grid: Grid) -> dict[str, QuantResult]:
+    """GPTQ or RTN for one true-sequential group of linears sharing an input."""
+    stats = {n: Hessian(get_module(layer, n).in_features, lw.device) for n in names}
+    lw.capture(layer, names, lambda n, x: stats[n].add(x), hidden)
+    out = {}
+    for n in names:
+        lin = get_module(layer, n)
+        H = stats[n].H
+        if cfg.method == "gptq":
+            r = gptq_quantize(lin.weight.data, H, grid, damp=cfg.damp, desc_act=cfg.desc_act)
+        else:
+            r = rtn_quantize(lin.weight.data.cpu(), grid)
+        r.error = _relative_error(lin.weight.data, r, H)
+        lin.weight.data = r.dequant().to(lin.weight.device, lin.weight.dtype)
+        out[n] = r
+    return out
+
+
+def _packer(cfg: QuantConfig, out_dtype: torch.dtype):
+    if cfg.format == "gptq":
+        from qwen_quant.formats import gptq
+
+        return gptq.pack
+    if cfg.format == "awq":
+        from qwen_quant.formats import awq
+
+        return awq.pack
+    from qwen_quant.formats import ct
+
+    return lambda name, r, bias: ct.pack(name, r, bias, out_dtype)
+
+
+def _format_config(cfg: QuantConfig) -> dict:
+    if cfg.format == "gptq":
+        from qwen_quant.formats.gptq import quantization_config
+
+        return quantization_config(cfg.bits, cfg.group_size, cfg.desc_act, cfg.sym, cfg.damp)
+    if cfg.format == "awq":
+        from qwen_quant.formats.awq import quantization_config
+
+        return quantization_config(cfg.bits, cfg.group_size, not cfg.sym)
+    from qwen_quant.formats.ct import quantization_config
+
+    return quantization_config(cfg.bits, cfg.group_size, cfg.sym, ["lm_head"])
+
+
+def _dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))
+
+
+def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
+    cfg.check()
+    src, hf, fam = check_model(cfg.model)
+    out = Path(cfg.output)
+    if out.exists() and not cfg.force:
+        raise QuantError(f"output {out} already exists; pass --force to replace it or choose another -o")
+    pad = plan_padding(cfg, hf)
+    device = pick_device(cfg.device)
+    compute = torch.float32 if device == "cpu" else torch.float16
+    out_dtype = torch.float16 if cfg.format in ("gptq", "awq") else torch.float32 if device == "cpu" else torch.bfloat16
+    if cfg.format == "compressed-tensors":
+        src_dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+        out_dtype = getattr(torch, src_dtype, torch.float32)
+    grid = Grid(cfg.bits, cfg.group_size, cfg.sym)
+
+    tok = load_tokenizer(src)
+    chat = cfg.chat if cfg.chat is not None else any(w in src.name.lower() for w in ("chat", "instruct"))
+    calib = cfg.calib
+    ids = calib.__class__(calib.source, calib.nsamples, calib.seqlen, calib.seed, chat).samples(tok)
+    log(f"{cfg.method} {cfg.bits}-bit g{cfg.group_size} {'sym' if cfg.sym else 'asym'}"
+        f"{' desc_act' if cfg.desc_act else ''} on {device}: {src} ({ids.shape[0]} x {ids.shape[1]} calibration tokens"
+        f"{', chat-formatted' if chat else ''})")
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    from qwen_quant.formats.checkpoint import CheckpointWriter
+
+    t0 = time.perf_counter()
+    lw = Layerwise(str(src), hf, fam, device=device, dtype=compute, intermediate_pad=pad, batch_size=cfg.batch_size)
+    writer = CheckpointWriter(out, force=cfg.force)
+    pack = _packer(cfg, out_dtype)
+    per_layer = []
+    try:
+        hidden = lw.embed(ids)
+        writer.add({k: v.to(out_dtype) for k, v in lw.raw(fam.embed_path).items()})
+        n_layers = hf["num_hidden_layers"]
+        with progress("quantizing layers", total=n_layers, unit="layers") as advance:
+            for i in range(n_layers):
+                t1 = time.perf_counter()
+                path = f"{fam.layers_path}.{i}"
+                layer = lw.load(path)
+                results: dict[str, QuantResult] = {}
+                quantize_layer = cfg.options.get("quantize_layer")
+                if quantize_layer is not None:  # e.g. AWQ: scale search over the whole layer first
+                    results = quantize_layer(lw, layer, hidden, cfg, grid)
+                else:
+                    for names in fam.linear_groups:
+                        results.update(quantize_group(lw, layer, names, hidden, cfg, grid))
+                hidden = lw.forward(layer, hidden)
+                tensors = {}
+                for name, mod in layer.named_modules():
+                    if name in results:
+                        tensors.update(pack(f"{path}.{name}", results[name], mod.bias))
+                for k, v in layer.state_dict().items():
+                    mod_name = k.rsplit(".", 1)[0]
+                    if mod_name not in results:
+                        tensors[f"{path}.{k}"] = v.to(out_dtype)
+                writer.add(tensors)
+                if isinstance(cfg.options.get("results"), dict):  # tests and benchmarks inspect the choices
+                    cfg.options["results"].update({f"{path}.{k}": v for k, v in results.items()})
+                err = sum(r.error for r in results.values()) / len(results)
+                per_layer.append({"layer": i, "seconds": round(time.perf_counter() - t1, 3), "mean_rel_error": err})
+                lw.unload(path)
+                advance(info=f"layer {i}: {per_layer[-1]['seconds']:.1f}s, rel. error {err:.2e}")
+        del hidden
+        writer.add({k: v.to(out_dtype) for k, v in lw.raw(fam.norm_path).items()})
+        if not hf.get("tie_word_embeddings", False):
+            writer.add({k: v.to(out_dtype) for k, v in lw.raw(fam.lm_head_path).items()})
+        new_cfg = dict(hf)
+        new_cfg["intermediate_size"] = hf["intermediate_size"] + pad
+        new_cfg["quantization_config"] = _format_config(cfg)
+        new_cfg["dtype"] = new_cfg["torch_dtype"] = str(out_dtype).replace("torch.", "")
+        writer.finish(new_cfg, src)
+    except BaseException:
+        writer.abort()
+        raise
+    seconds = time.perf_counter() - t0
+    peak_gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    summary = {
+        "method": cfg.method, "format": cfg.format, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
+        "desc_act": cfg.desc_act, "damp": cfg.damp, "intermediate_pad": pad, "device": device,
+        "calibration": {"source": calib.source, "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "chat": chat,
+                        "seed": calib.seed},
+        "size_before_bytes": _dir_size(src), "size_after_bytes": _dir_size(out), "seconds": round(seconds, 2),
+        "peak_gpu_bytes": peak_gpu, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "layers": per_layer,
+    }
+    (out / "qwen-quant-quantize.json").write_text(json.dumps(summary, indent=2))
+    report = Report(extra={"quantize": summary})
+    if cfg.validate:
+        from qwen_quant.validate import run_eval
+
+        report.results.append(run_eval(out, cfg.eval, reference=src, device=device, artifact_type=f"{cfg.method}-int{cfg.bits}"))
+        report.write_json(out / "qwen-quant-report.json")
+    return out, report
