@@ -139,3 +139,15 @@ def test_failed_quantize_leaves_no_file(tmp_path):
     with pytest.raises(QuantError, match="failed to quantize"):
         quantize_gguf(bad, tmp_path / "out.gguf", "q4_0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.gguf"]
+
+
+@pytest.mark.parametrize("outtype", ["bf16", "f32"])
+def test_other_float_outtypes(tmp_path, outtype):
+    from qwen_quant.export.gguf import write_float_gguf
+
+    name = "qwen2-tiny-untied"
+    out = write_float_gguf(model_dir(name), tmp_path / f"m-{outtype}.gguf", outtype)
+    assert _metadata(out)["general.file_type"] == {"bf16": "32", "f32": "0"}[outtype]
+    ref, got = torch_logits(name, 1, 32), gguf_logits(out, rows=1, seq=32)
+    print(f"{name} {outtype}: max|dlogit| {np.abs(ref - got).max():.2e} KL {mean_kl(ref, got):.2e}")
+    assert mean_kl(ref, got) < (1e-3 if outtype == "bf16" else 1e-6)

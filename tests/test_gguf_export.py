@@ -85,3 +85,24 @@ def test_cli_export_gguf(tmp_path, fast_writer):
     assert (tmp_path / f"{model_dir(NAME).name}-q8_0.gguf").is_file()
     res = CliRunner().invoke(app, ["export", "gguf", str(model_dir(NAME)), "--type", "q9", "-o", str(tmp_path)])
     assert isinstance(res.exception, QuantError) and "q4_k_m" in str(res.exception)  # main() maps it to exit 2
+
+
+def test_export_with_imatrix_differs_from_plain(tmp_path, fast_writer):
+    """--imatrix: calibration samples -> torch hooks -> llama.cpp quantizer (the bytes change)."""
+    base = dict(model=str(model_dir(NAME)), types="q4_k_m", validate=False, nsamples=4, seqlen=64)
+    plain = ge.export_gguf(ge.GGUFExportConfig(outdir=str(tmp_path / "plain"), **base))[0]
+    weighted = ge.export_gguf(ge.GGUFExportConfig(outdir=str(tmp_path / "imat"), imatrix=True, **base))[0]
+    assert plain.read_bytes() != weighted.read_bytes()
+
+
+@pytest.mark.slow
+def test_export_validates_with_run_eval(tmp_path):
+    """Default validation: lead's run_eval (perplexity, KL, top-1, greedy parity) writes a JSON report."""
+    import json
+
+    cfg = ge.GGUFExportConfig(model=str(model_dir(NAME)), types="q8_0", outdir=str(tmp_path),
+                              json=str(tmp_path / "report.json"), eval_ctx=128, eval_max_tokens=1024)
+    ge.export_gguf(cfg)
+    (res,) = json.loads((tmp_path / "report.json").read_text())["results"]
+    assert res["backend"]["name"] == "llama.cpp" and res["backend"]["dtype"] == "q8_0"
+    assert res["metrics"]["kl_mean"] < 1e-3 and res["metrics"]["top1_agreement"] > 0.95

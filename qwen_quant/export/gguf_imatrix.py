@@ -61,12 +61,13 @@ def compute_imatrix(model, samples: Iterable[Sequence[int]], n_layers: int | Non
     if not hooks:
         raise QuantError("found no decoder linears to collect an importance matrix from; is this a Qwen2 model?")
     device = next(model.parameters()).device
+    body = getattr(model, "base_model", model)  # skip lm_head: its 152k-row matmul is most of the cost
     n = 0
     try:
         with torch.inference_mode():
             for row in samples:
                 ids = torch.as_tensor(np.asarray(row, dtype=np.int64), device=device).reshape(1, -1)
-                model(input_ids=ids, use_cache=False)
+                body(input_ids=ids, use_cache=False)
                 n += 1
     finally:
         for h in hooks:
