@@ -139,6 +139,9 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
                     cfg.options["results"].update({f"{path}.{k}": v for k, v in results.items()})
                 err = sum(r.error for r in results.values()) / len(results)
                 per_layer.append({"layer": i, "seconds": round(time.perf_counter() - t1, 3), "mean_rel_error": err})
+                if device.startswith("cuda"):
+                    per_layer[-1]["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
                 lw.unload(path)
                 advance(info=f"layer {i}: {per_layer[-1]['seconds']:.1f}s, rel. error {err:.2e}")
         del hidden
@@ -154,7 +157,7 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
         writer.abort()
         raise
     seconds = time.perf_counter() - t0
-    peak_gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    peak_gpu = max((p["peak_gpu_bytes"] for p in per_layer), default=None) if device.startswith("cuda") else None
     summary = {
         "method": cfg.method, "format": cfg.format, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
         "desc_act": cfg.desc_act, "damp": cfg.damp, "intermediate_pad": pad, "device": device,
