@@ -127,6 +127,13 @@ def add_metadata(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict, outtyp
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(factor)
         writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for key, add in (("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
+                         ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+                         ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            val = rope.get(key, rope.get("attn_factor")) if key == "attention_factor" else rope.get(key)
+            if val is not None:
+                add(val)
     if (theta := rope.get("rope_theta")) is not None:
         writer.add_rope_freq_base(theta)
     if (eps := hparams.get("rms_norm_eps")) is not None:

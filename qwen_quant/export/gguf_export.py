@@ -33,7 +33,7 @@ class GGUFExportConfig:
 
     model: str
     types: list[str] | str = "q4_k_m"
-    outdir: str | None = None  # default: <model>-gguf next to the model
+    outdir: str | None = None  # default: <model>-gguf next to the model (hub id: in the current folder)
     outtype: str = "f16"  # float intermediate: f16, bf16, f32
     imatrix: bool = False
     calib: str = "shipped"
@@ -52,8 +52,8 @@ class GGUFExportConfig:
         return parse_types(self.types)
 
 
-def output_paths(model_dir: Path, outdir: Path, types: list[str]) -> dict[str, Path]:
-    return {t: outdir / f"{model_dir.name}-{t}.gguf" for t in types}
+def output_paths(name: str, outdir: Path, types: list[str]) -> dict[str, Path]:
+    return {t: outdir / f"{name}-{t}.gguf" for t in types}
 
 
 def export_gguf(cfg: GGUFExportConfig, validator: Callable[[Path, str], dict] | None = None) -> list[Path]:
@@ -66,8 +66,9 @@ def export_gguf(cfg: GGUFExportConfig, validator: Callable[[Path, str], dict] | 
 
     types = cfg.check()
     src, _hf_cfg, _family = check_model(cfg.model)
-    outdir = Path(cfg.outdir).expanduser() if cfg.outdir else src.parent / f"{src.name}-gguf"
-    outs = output_paths(src, outdir, types)
+    ref = Path(str(cfg.model).rstrip("/")).expanduser()  # name files after what the user typed, not a cache hash
+    outdir = Path(cfg.outdir).expanduser() if cfg.outdir else ref.with_name(ref.name + "-gguf")
+    outs = output_paths(ref.name, outdir, types)
     existing = [str(p) for p in outs.values() if p.exists()]
     if existing and not cfg.force:
         raise QuantError(f"{', '.join(existing)} already exist(s); pass --force to overwrite or choose another -o")
@@ -75,7 +76,7 @@ def export_gguf(cfg: GGUFExportConfig, validator: Callable[[Path, str], dict] | 
 
     t0 = time.perf_counter()
     keep_float = cfg.outtype in outs
-    inter = outs[cfg.outtype] if keep_float else outdir / f".{src.name}-{cfg.outtype}.intermediate.gguf"
+    inter = outs[cfg.outtype] if keep_float else outdir / f".{ref.name}-{cfg.outtype}.intermediate.gguf"
     try:
         log(f"writing {cfg.outtype} GGUF from {src}")
         write_float_gguf(src, inter, cfg.outtype)
