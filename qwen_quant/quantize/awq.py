@@ -1,0 +1,275 @@
+"""AWQ (Lin et al., 2023) for one decoder layer: activation-aware scale search, clip search, then RTN.
+
+Written here rather than taken from a package: AutoAWQ is archived and pins old transformers, and
+llm-compressor's modifier is tied to its own pipeline. We follow AutoAWQ's ``AwqQuantizer``, which
+is what produced Qwen's -AWQ releases:
+
+1. Capture the inputs of every linear of the (still full-precision) layer over all calibration samples.
+2. For each scalable pair (previous op -> linears sharing its output), try ``n_grid`` ratios ``a``
+   in [0, 1): per input channel ``s = x_mean^a / (w_mean^(1-a) + 1e-4)`` ("duo scaling", AutoAWQ's
+   default; ``x_mean^a`` alone with ``duo_scaling=False``), normalised by ``sqrt(max(s) min(s))``;
+   replace the linears by ``Q(W s) / s`` and keep the ``s`` that minimises the MSE of the block's output
+   (the attention output for q/k/v, the MLP output for gate/up, the linear's own output otherwise).
+3. Fold ``1/s`` into the previous op (an RMSNorm weight, or the rows of the previous linear) and ``s``
+   into the linears, so the float model is unchanged and only the quantization error moves.
+4. Clip search (not for q/k, whose errors the q.k product amplifies): per (row, group), shrink the
+   max |w| by up to 50% and keep the clip that minimises the group's output error on 512 tokens.
+5. Round-to-nearest on the asymmetric grid (AutoAWQ's min/max formula; zero 0 is allowed here).
+
+Scales are rounded to float16 before the codes are chosen, as AutoAWQ computes them in half
+precision, so the checkpoint's fp16 ``scales`` reproduce `QuantResult.dequant()` exactly.
+Unlike AutoAWQ, calibration activations for the next layer come from the quantized layer (the shared
+driver in `run.py` does this for GPTQ and AWQ alike).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qwen_quant.errors import QuantError
+from qwen_quant.quantize.config import QuantConfig
+from qwen_quant.quantize.grid import Grid, QuantResult, quantize_codes
+from qwen_quant.quantize.layerwise import Layerwise, get_module
+
+
+@dataclass(frozen=True)
+class ScalePair:
+    prev: str  # op whose output feeds ``linears``: an RMSNorm or a linear
+    linears: tuple[str, ...]
+    inspect: str | None = None  # block whose output MSE is minimised (None: the single linear)
+    attention: bool = False  # the block needs position embeddings
+
+
+# Per family: AutoAWQ's ``get_layers_for_scaling`` as data. v_proj -> o_proj only applies when the
+# shapes match (MHA); with GQA o_proj has more in-features than v_proj has outputs.
+SCALE_PAIRS: dict[str, tuple[ScalePair, ...]] = {
+    "qwen2": (
+        ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn", True),
+        ScalePair("self_attn.v_proj", ("self_attn.o_proj",)),
+        ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ScalePair("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+}
+NO_CLIP = ("q_proj", "k_proj")  # AutoAWQ's avoid_clipping: the q.k product makes clipping error hard to see
+DEFAULTS = {"clip": True, "duo_scaling": True, "n_grid": 20, "max_shrink": 0.5, "clip_tokens": 512}
+
+
+# -- the grid -----------------------------------------------------------------------------------
+def awq_params(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero [rows, groups] for ``w`` [rows, cols]: AutoAWQ's ``pseudo_quantize_tensor`` grid.
+
+    Asymmetric: ``scale = (max - min) / maxq`` and ``zero = clamp(-round(min / scale), 0, maxq)``.
+    Unlike AutoAWQ we widen [min, max] to include 0 first (as GPTQ does): for a group that does not
+    straddle 0 AutoAWQ's clamped zero cuts off the top of the range; groups that straddle 0 (all
+    real weight groups of 32+ values) are unaffected. Symmetric (``--no-zero-point``): ``scale = max|w| / (2^(b-1) - 1)``
+    and the zero fixed at 2^(b-1), i.e. AutoAWQ's signed codes in [-2^(b-1), 2^(b-1) - 1].
+    """
+    rows, cols = w.shape
+    g = w.float().reshape(rows, grid.groups(cols), grid.size(cols))
+    if grid.sym:
+        half = 2 ** (grid.bits - 1)
+        scale = (g.abs().amax(-1).clamp(min=1e-5) / (half - 1)).half().float()
+        return scale, torch.full_like(scale, half)
+    mx, mn = g.amax(-1).clamp(min=0), g.amin(-1).clamp(max=0)
+    scale = ((mx - mn).clamp(min=1e-5) / grid.maxq).half().float()
+    zero = torch.clamp(-torch.round(mn / scale), 0, grid.maxq)
+    return scale, zero
+
+
+def awq_rtn(w: torch.Tensor, grid: Grid) -> QuantResult:
+    rows, cols = w.shape
+    scale, zero = awq_params(w, grid)
+    gs = grid.size(cols)
+    codes = quantize_codes(w.float().reshape(rows, -1, gs), scale[..., None], zero[..., None], grid.maxq)
+    g_idx = torch.arange(cols, dtype=torch.int32) // gs
+    return QuantResult(codes.reshape(rows, cols).int().cpu(), scale.cpu(), zero.int().cpu(), g_idx, grid)
+
+
+def pseudo_quantize(w: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """``w`` rounded to the grid and back, in float32 (what the searches measure)."""
+    rows, cols = w.shape
+    scale, zero = awq_params(w, grid)
+    g = w.float().reshape(rows, -1, grid.size(cols))
+    q = quantize_codes(g, scale[..., None], zero[..., None], grid.maxq)
+    return ((q - zero[..., None]) * scale[..., None]).reshape(rows, cols)
+
+
+# -- running blocks -----------------------------------------------------------------------------
+@torch.no_grad()
+def _run(lw: Layerwise, block: torch.nn.Module, x: torch.Tensor, attention: bool) -> torch.Tensor:
+    outs = []
+    for i in range(0, x.shape[0], lw.batch_size):
+        xb = x[i:i + lw.batch_size]
+        out = block(xb, position_embeddings=lw.pos_emb, attention_mask=None) if attention else block(xb)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outs)
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).pow(2).mean())
+
+
+# -- scale search -------------------------------------------------------------------------------
+@torch.no_grad()
+def search_scale(lw: Layerwise, layer: torch.nn.Module, pair: ScalePair, x: torch.Tensor, grid: Grid,
+                 n_grid: int = 20, duo_scaling: bool = True) -> torch.Tensor:
+    """The per-input-channel scales [in] for ``pair`` that minimise its block's output MSE."""
+    lins = [get_module(layer, n) for n in pair.linears]
+    block = get_module(layer, pair.inspect) if pair.inspect else lins[0]
+    orig = [lin.weight.data.clone() for lin in lins]
+    w = torch.cat([o.float() for o in orig])
+    gs = grid.size(w.shape[1])
+    wg = w.abs().reshape(w.shape[0], -1, gs)
+    w_mean = (wg / (wg.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
+    x_mean = x.abs().float().reshape(-1, x.shape[-1]).mean(0)
+    ref = _run(lw, block, x, pair.attention)
+
+    best, best_err = None, float("inf")
+    try:
+        for r in range(n_grid):
+            a = r / n_grid
+            if duo_scaling:
+                s = (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp(min=1e-4)
+            else:
+                s = x_mean.pow(a).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            s[~torch.isfinite(s)] = 1
+            for lin, o in zip(lins, orig):
+                lin.weight.data = (pseudo_quantize(o.float() * s, grid) / s).to(o.dtype)
+            err = _mse(ref, _run(lw, block, x, pair.attention))
+            if err < best_err:
+                best, best_err = s.clone(), err
+    finally:
+        for lin, o in zip(lins, orig):
+            lin.weight.data = o
+    if best is None:
+        raise QuantError(f"AWQ scale search for {pair.linears} produced no finite loss; "
+                         "the layer's activations contain inf/nan (try float32, --device cpu, to check the model)")
+    return best
+
+
+@torch.no_grad()
+def apply_scale(layer: torch.nn.Module, pair: ScalePair, s: torch.Tensor) -> None:
+    """Fold ``1/s`` into the previous op and ``s`` into the linears: the float function is unchanged."""
+    prev = get_module(layer, pair.prev)
+    sd = s.to(prev.weight.device)
+    if isinstance(prev, torch.nn.Linear):
+        prev.weight.data[-s.numel():] = (prev.weight.data[-s.numel():].float() / sd[:, None]).to(prev.weight.dtype)
+    else:  # RMSNorm: y = w * norm(x)
+        prev.weight.data = (prev.weight.data.float() / sd).to(prev.weight.dtype)
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.data[-s.numel():] = (prev.bias.data[-s.numel():].float() / sd).to(prev.bias.dtype)
+    for n in pair.linears:
+        lin = get_module(layer, n)
+        lin.weight.data = (lin.weight.data.float() * sd).to(lin.weight.dtype)
+
+
+# -- clip search --------------------------------------------------------------------------------
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, grid: Grid, n_grid: int = 20, max_shrink: float = 0.5,
+                rows_per_batch: int = 256) -> torch.Tensor:
+    """Per (row, group) clip value max|w| * (1 - i/n_grid) that minimises the group's output MSE.
+
+    ``x`` [tokens, in] is the (already scaled) input sample. Returns [rows, groups].
+    Each group's output is a batched matmul over groups, so nothing [rows, tokens, in]-sized is built.
+    """
+    rows, cols = w.shape
+    gs = grid.size(cols)
+    xg = x.float().reshape(x.shape[0], -1, gs).transpose(0, 1)  # [G, T, gs]
+    best_all = []
+    for r0 in range(0, rows, rows_per_batch):
+        wb = w[r0:r0 + rows_per_batch].float()
+        wg = wb.reshape(wb.shape[0], -1, gs)  # [R, G, gs]
+        org_max = wg.abs().amax(-1)  # [R, G]
+        org_out = torch.bmm(xg, wg.permute(1, 2, 0))  # [G, T, R]
+        best, min_err = org_max.clone(), torch.full_like(org_max, float("inf"))
+        for i in range(int(max_shrink * n_grid)):
+            mx = org_max * (1 - i / n_grid)
+            cw = torch.maximum(torch.minimum(wg, mx[..., None]), -mx[..., None])
+            qw = pseudo_quantize(cw.reshape(wb.shape), grid).reshape(wg.shape)
+            err = (torch.bmm(xg, qw.permute(1, 2, 0)) - org_out).pow(2).mean(1).T  # [R, G]
+            better = err < min_err
+            min_err[better], best[better] = err[better], mx[better]
+        best_all.append(best)
+    return torch.cat(best_all)
+
+
+def apply_clip(lin: torch.nn.Linear, max_val: torch.Tensor, grid: Grid) -> None:
+    w = lin.weight.data
+    wg = w.float().reshape(w.shape[0], -1, grid.size(w.shape[1]))
+    mx = max_val.to(w.device)[..., None]
+    lin.weight.data = torch.maximum(torch.minimum(wg, mx), -mx).reshape(w.shape).to(w.dtype)
+
+
+# -- one layer ----------------------------------------------------------------------------------
+def _pairs(lw: Layerwise, layer: torch.nn.Module) -> list[ScalePair]:
+    pairs = []
+    for p in SCALE_PAIRS[lw.family.name]:
+        prev = get_module(layer, p.prev)
+        first = get_module(layer, p.linears[0])
+        if isinstance(prev, torch.nn.Linear) and prev.out_features != first.in_features:
+            continue  # GQA: v_proj's outputs are repeated across heads before o_proj
+        pairs.append(p)
+    return pairs
+
+
+@torch.no_grad()
+def quantize_layer(lw: Layerwise, layer: torch.nn.Module, hidden: torch.Tensor, cfg: QuantConfig,
+                   grid: Grid) -> dict[str, QuantResult]:
+    """AWQ for one decoder layer (the `run.quantize_model` hook): scales, clip, RTN, in place."""
+    opts = {**DEFAULTS, **cfg.options}
+    if lw.family.name not in SCALE_PAIRS:
+        raise QuantError(f"AWQ has no scaling table for the {lw.family.name} family; use gptq for it")
+    groups = lw.family.linear_groups
+    names = [n for g in groups for n in g]
+    source = {n: g[0] for g in groups for n in g}  # linears of one group share one input tensor
+    feats: dict[str, list[torch.Tensor]] = {g[0]: [] for g in groups}
+    lw.capture(layer, list(feats), lambda n, x: feats[n].append(x), hidden)
+    inputs = {n: torch.cat(v) for n, v in feats.items()}
+    del feats
+
+    for pair in _pairs(lw, layer):
+        src = source[pair.linears[0]]
+        if any(source[n] != src for n in pair.linears) or {n for n in names if source[n] == src} != set(pair.linears):
+            raise QuantError(f"AWQ scale pair {pair.linears} must cover exactly one group of linears sharing an input")
+        s = search_scale(lw, layer, pair, inputs[src], grid, opts["n_grid"], opts["duo_scaling"])
+        apply_scale(layer, pair, s)
+        x = inputs[src]  # the scaled linears now see x / s
+        inputs[src] = (x.float() / s.to(x.device)).to(x.dtype)
+
+    # a strided token sample per input (AutoAWQ's n_sample_token) for clipping and the error estimate
+    sample = {}
+    for n, x in inputs.items():
+        flat = x.reshape(-1, x.shape[-1])
+        sample[n] = flat[:: max(1, flat.shape[0] // opts["clip_tokens"])].float()
+    del inputs
+
+    results = {}
+    for n in names:
+        lin = get_module(layer, n)
+        scaled = lin.weight.data.float().clone()
+        x = sample[source[n]]
+        if opts["clip"] and not n.endswith(NO_CLIP):
+            apply_clip(lin, search_clip(lin.weight.data, x, grid, opts["n_grid"], opts["max_shrink"]), grid)
+        r = awq_rtn(lin.weight.data, grid)
+        dq = r.dequant().to(lin.weight.device)
+        r.error = float((x @ (scaled - dq).T).pow(2).sum() / (x @ scaled.T).pow(2).sum().clamp_min(1e-20))
+        lin.weight.data = dq.to(lin.weight.dtype)
+        results[n] = r
+    return results
+
+
+def quantize_awq(cfg: QuantConfig):
+    """`quantize_model` with AWQ's layer hook; the function `qwen-quant awq` calls."""
+    from qwen_quant.quantize.run import quantize_model
+
+    cfg.method = "awq"
+    if cfg.format == "awq" and cfg.bits != 4:
+        raise QuantError(f"the AWQ GEMM format stores 4-bit weights only (got --bits {cfg.bits}); "
+                         "use --bits 4 or --format compressed-tensors")
+    if cfg.format == "awq" and cfg.group_size == -1:
+        raise QuantError("the AWQ GEMM format needs a group size (32, 64 or 128); use --format compressed-tensors for per-channel")
+    cfg.options = {**DEFAULTS, **cfg.options, "quantize_layer": cfg.options.get("quantize_layer", quantize_layer)}
+    return quantize_model(cfg)
