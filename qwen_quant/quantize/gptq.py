@@ -83,4 +83,4 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float
 
     inv = torch.argsort(perm)
     g_idx = (torch.arange(cols, device=W.device) // gs).int()
-    return QuantResult(Q[:, inv].int().cpu(), scales.cpu(), zeros.int().cpu(), g_idx.cpu(), grid)
+    return QuantResult(Q[:, inv].int(), scales, zeros.int(), g_idx, grid)

@@ -45,6 +45,10 @@ class QuantResult:
     grid: Grid
     error: float = 0.0  # mean relative reconstruction error ||(W - Q) X|| / ||W X|| when known
 
+    def to(self, device) -> "QuantResult":
+        return QuantResult(self.codes.to(device), self.scales.to(device), self.zeros.to(device), self.g_idx.to(device),
+                           self.grid, self.error)
+
     def dequant(self) -> torch.Tensor:
         g = self.g_idx.long()
         return self.scales[:, g] * (self.codes - self.zeros[:, g]).float()
@@ -90,5 +94,5 @@ def rtn_quantize(w: torch.Tensor, grid: Grid) -> QuantResult:
         codes.append(quantize_codes(w[:, i:i + gs], s, z, grid.maxq))
         scales.append(s)
         zeros.append(z)
-    g_idx = torch.arange(cols, dtype=torch.int32) // gs
+    g_idx = torch.arange(cols, dtype=torch.int32, device=w.device) // gs
     return QuantResult(torch.cat(codes, 1).int(), torch.stack(scales, 1), torch.stack(zeros, 1).int(), g_idx, grid)

@@ -21,7 +21,7 @@ from qwen_quant.report import Report
 
 def _relative_error(w: torch.Tensor, r: QuantResult, H: torch.Tensor) -> float:
     """||(W - Q) X||^2 / ||W X||^2 estimated through the input Hessian (undamped)."""
-    d = w.float() - r.dequant().to(w.device)
+    d = w.float() - r.dequant()
     num = torch.einsum("ij,jk,ik->", d, H, d)
     den = torch.einsum("ij,jk,ik->", w.float(), H, w.float())
     return float(num / den.clamp_min(1e-20))
@@ -38,10 +38,11 @@ def quantize_group(lw: Layerwise, layer, names, hidden, cfg: QuantConfig, grid: 
         if cfg.method == "gptq":
             r = gptq_quantize(lin.weight.data, H, grid, damp=cfg.damp, desc_act=cfg.desc_act)
         else:
-            r = rtn_quantize(lin.weight.data.cpu(), grid)
+            r = rtn_quantize(lin.weight.data, grid)
+        r = r.to(lin.weight.device)
         r.error = _relative_error(lin.weight.data, r, H)
-        lin.weight.data = r.dequant().to(lin.weight.device, lin.weight.dtype)
-        out[n] = r
+        lin.weight.data = r.dequant().to(lin.weight.dtype)
+        out[n] = r.to("cpu")  # packing runs on the CPU
     return out
 
 
