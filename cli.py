@@ -146,6 +146,51 @@ def gptq(
         report.write_json(json_out) if str(json_out) != "-" else typer.echo(__import__("json").dumps(report.to_dict(), indent=2))
 
 
+@app.command()
+def awq(
+    model: str = typer.Argument(..., help="Full-precision Qwen checkpoint folder (or cached hub id)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder for the quantized checkpoint."),
+    bits: int = typer.Option(4, help="Weight bits: 4 (the AWQ GEMM format); 8 with --format compressed-tensors."),
+    group_size: int = typer.Option(128, help="Columns per quantization group: 32, 64 or 128."),
+    zero_point: bool = typer.Option(True, "--zero-point/--no-zero-point", help="Asymmetric grid with a zero point per group (AWQ's default) or symmetric."),
+    clip: bool = typer.Option(True, "--clip/--no-clip", help="Search per-group clipping of the weight range (not for q/k)."),
+    fmt: str = typer.Option("awq", "--format", help="awq (AutoAWQ GEMM, as Qwen's -AWQ releases) or compressed-tensors (W4A16 pack-quantized)."),
+    calib: str = typer.Option("shipped", help="Calibration text: shipped, a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG[:SPLIT]]."),
+    nsamples: int = typer.Option(128, help="Calibration samples."),
+    seqlen: int = typer.Option(512, help="Tokens per calibration sample."),
+    seed: int = typer.Option(0, help="Seed for calibration sampling."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Chat-formatted calibration samples (default: when the folder name says chat/instruct)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    pad: bool = typer.Option(False, help="Pad the MLP intermediate size with zero units when the group size does not divide it (exact)."),
+    force: bool = typer.Option(False, help="Replace an existing output folder."),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Measure perplexity and parity against the original after writing."),
+    ctx: int = typer.Option(512, help="Validation window length."),
+    max_tokens: Optional[int] = typer.Option(None, help="Validate on the first N evaluation tokens only."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """AWQ weight-only quantization (activation-aware scales + clipping), layer by layer, then validation.
+
+    Example: qwen-quant awq ./Qwen2-7B-Instruct --bits 4 --group-size 128 -o ./Qwen2-7B-Instruct-AWQ
+    """
+    from qwen_quant.calib import CalibConfig
+    from qwen_quant.progress import set_quiet
+    from qwen_quant.quantize import QuantConfig
+    from qwen_quant.quantize.awq import quantize_awq
+    from qwen_quant.validate import EvalConfig
+
+    set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
+    cfg = QuantConfig(model=model, output=str(output), method="awq", bits=bits, group_size=group_size, sym=not zero_point,
+                      format=fmt, calib=CalibConfig(calib, nsamples, seqlen, seed), chat=chat, device=device, pad=pad,
+                      force=force, validate=validate, eval=EvalConfig(ctx=ctx, max_tokens=max_tokens), options={"clip": clip})
+    out, report = quantize_awq(cfg)
+    _print_quant_summary(report.extra["quantize"], out)
+    if report.results:
+        _emit(report, json_out, f"qwen-quant awq: {out}")
+    elif json_out is not None:
+        report.write_json(json_out) if str(json_out) != "-" else typer.echo(__import__("json").dumps(report.to_dict(), indent=2))
+
+
 def _print_quant_summary(s: dict, out: Path) -> None:
     from qwen_quant.progress import log
 

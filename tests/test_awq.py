@@ -313,3 +313,13 @@ def _write_section(path: Path, body: str) -> None:
     pat = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
     new = pat.sub(lambda _: block + "\n", old, count=1) if pat.search(old) else old.rstrip("\n") + "\n\n" + block
     path.write_text(new.rstrip("\n") + "\n")
+
+
+def test_cli_awq(untied_model, tmp_path, run_cli):
+    out = tmp_path / "cli-awq"
+    code, _, err = run_cli("awq", untied_model, "-o", out, "--nsamples", "8", "--seqlen", "128", "--no-clip",
+                           "--no-validate", "--device", "cpu", "-q")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+    code, _, err = run_cli("awq", untied_model, "-o", tmp_path / "bad", "--bits", "3", "-q")
+    assert code == 2 and "4-bit" in err and not (tmp_path / "bad").exists()
