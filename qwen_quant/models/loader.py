@@ -103,5 +103,12 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | None = "float
         model = load_dequantized(p, method, dtype=dt)
     else:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dt)
+        kw = {}
+        if method == "compressed-tensors":
+            # dense weights at load: compressed-tensors 0.20 cannot build the packed zero-point
+            # placeholders of asymmetric pack-quantized checkpoints, so the compressed path fails
+            from transformers import CompressedTensorsConfig
+
+            kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dt, **kw)
     return model.to(device).eval()
