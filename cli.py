@@ -207,7 +207,9 @@ def demo(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Build (or reuse) the embedded default model and run the main job on it end to end.
+    """Run recipes/demo.yaml on the embedded default model: GPTQ, AWQ, GGUF and ONNX artifacts, each validated.
+
+    The model is built and cached on first use; artifacts already built are reused on the next run.
 
     Example: qwen-quant demo --workdir /tmp/demo
     """
@@ -215,7 +217,74 @@ def demo(
     from qwen_quant.progress import set_quiet
 
     set_quiet(quiet)
-    _emit(run_demo(workdir), json_out, "qwen-quant demo")
+    report = run_demo(workdir)
+    _emit(report, json_out, "qwen-quant demo")
+    failed = [a["name"] for a in report.extra.get("recipe", {}).get("artifacts", []) if a["status"] not in ("ok", "cached")]
+    if failed:
+        typer.echo(f"failed: {', '.join(failed)} (see {workdir / 'report.md'})", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for artifacts, state and report (default: ./<recipe name>-out)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the combined JSON report here."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated artifact names to run (others keep their last results)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Use this model instead of the recipe's source.model (folder, cached hub id or fixture:NAME)."),
+    smoke: bool = typer.Option(False, "--smoke", help="Tiny calibration and evaluation sizes: checks the pipeline, not the quality."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Build and validate every artifact of a recipe; skips what is already built from the same inputs.
+
+    Writes OUT/report.json (common schema), OUT/report.md and OUT/recipe-state.json. Exit 1 when an
+    artifact failed (the others still run), 2 on a bad recipe.
+
+    Example: qwen-quant run recipes/qwen2-1.5b.yaml --model ./Qwen2-1.5B -o ./qwen2-1.5b-out
+    """
+    from qwen_quant.progress import set_quiet
+    from qwen_quant.recipe import RunConfig, load_recipe, run_recipe
+    from qwen_quant.report import print_table
+
+    set_quiet(quiet)
+    names = [n.strip() for n in only.split(",") if n.strip()] if only else None
+    outcome = run_recipe(load_recipe(recipe, model=model, smoke=smoke),
+                         RunConfig(output=None if output is None else str(output), only=names,
+                                   json=None if json_out is None else str(json_out)))
+    print_table(outcome.report, title=f"qwen-quant run: {recipe}")
+    typer.echo(f"report: {outcome.outdir / 'report.json'}, {outcome.outdir / 'report.md'}; "
+               + ", ".join(f"{k}: {v}" for k, v in outcome.statuses.items()))
+    if outcome.failed:
+        typer.echo(f"failed: {', '.join(outcome.failed)} (see report.md)", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def check(
+    report: Path = typer.Argument(..., help="Report JSON written by `qwen-quant run` (or eval/gptq --json)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", "-b", help="Baseline report to compare with (same artifacts, same evaluation data)."),
+    max_ppl_increase: Optional[str] = typer.Option(None, "--max-ppl-increase", help="Allowed perplexity increase over the baseline, e.g. 1% (default 1% with --baseline)."),
+    max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Largest allowed artifact/reference perplexity ratio."),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Largest allowed mean KL divergence from the reference."),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Smallest allowed top-1 agreement with the reference (0..1)."),
+    update_baseline: bool = typer.Option(False, "--update-baseline", help="Write REPORT over the --baseline file instead of checking."),
+) -> None:
+    """CI gate: exit 1 if any artifact/backend regressed against the baseline or the limits, 0 otherwise.
+
+    Limits come from the recipe (thresholds, carried in the report) unless given here. Exit 2 on
+    unusable input: missing or invalid files, or a baseline measured on other data.
+
+    Example: qwen-quant check out/report.json --baseline ci/baseline.json --max-ppl-increase 1%
+    """
+    from qwen_quant.check import CheckConfig, run_check
+    from qwen_quant.recipe.schema import parse_fraction
+
+    limits = {k: v for k, v in (("max_ppl_ratio", max_ppl_ratio), ("max_kl", max_kl), ("min_top1", min_top1)) if v is not None}
+    if max_ppl_increase is not None:
+        limits["max_ppl_increase"] = parse_fraction(max_ppl_increase, "--max-ppl-increase")
+    code = run_check(CheckConfig(report=str(report), baseline=None if baseline is None else str(baseline),
+                                 thresholds=limits, update_baseline=update_baseline), echo=typer.echo)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""The embedded default: build (or reuse) the small default model and run the main job on it."""
+"""The embedded default: run `recipes/demo.yaml` (GPTQ, AWQ, GGUF, ONNX of the small default model)."""
 
 from __future__ import annotations
 
@@ -6,19 +6,18 @@ from pathlib import Path
 
 from qwen_quant.report import Report
 
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+
 
 def run_demo(workdir: Path) -> Report:
-    """Quantize the default fixture with GPTQ int4 and validate it against the full-precision model."""
-    from qwen_quant.progress import log
-    from qwen_quant.testing.fixtures import DEFAULT_FIXTURE, fixture_path
-    from qwen_quant.validate import EvalConfig, run_eval
+    """Build (or reuse) every artifact of the demo recipe under ``workdir`` and return the combined report.
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    model = fixture_path(DEFAULT_FIXTURE)
-    log(f"default model: {model}")
-    cfg = EvalConfig(ctx=256, max_tokens=8192, greedy_tokens=24)
-    report = Report()
-    report.results.append(run_eval(model, cfg, reference=model))
-    report.write_json(workdir / "qwen-quant-report.json")
-    return report
+    Artifacts already built with the same inputs are skipped, so a second `qwen-quant demo` is fast.
+    """
+    from qwen_quant.progress import log
+    from qwen_quant.recipe import RunConfig, load_recipe, run_recipe
+
+    outcome = run_recipe(load_recipe(DEMO_RECIPE), RunConfig(output=str(workdir)))
+    log(f"report: {Path(workdir) / 'report.json'} and report.md; statuses: "
+        + ", ".join(f"{k} {v}" for k, v in outcome.statuses.items()))
+    return outcome.report

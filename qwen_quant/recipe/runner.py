@@ -94,6 +94,8 @@ def build(spec: ArtifactSpec, src: Path, outdir: Path, device: str) -> list[tupl
     if spec.type in ("gptq", "rtn", "awq"):
         from qwen_quant.quantize import quantize_model
 
+        if spec.type == "awq":  # the same entry point as `qwen-quant awq` (adds AWQ's layer hook)
+            from qwen_quant.quantize.awq import quantize_awq as quantize_model
         cfg = dataclasses.replace(spec.config, model=str(src), output=str(target), force=True, validate=False, device=device)
         out, _ = quantize_model(cfg)
         return [(str(out), _type_name(spec))]
