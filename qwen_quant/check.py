@@ -152,6 +152,8 @@ def run_check(cfg: CheckConfig, echo=print) -> int:
         tmp.replace(dest)
         echo(f"baseline {dest} replaced by {cfg.report} ({len(report['results'])} results)")
         return 0
+    if "max_ppl_increase" in cfg.thresholds and not cfg.baseline:
+        raise QuantError("--max-ppl-increase compares with a baseline; pass --baseline FILE (or use --max-ppl-ratio)")
     baseline = load_report(cfg.baseline, "baseline") if cfg.baseline else None
     findings = compare(report, baseline, cfg.thresholds)
     bad = [f for f in findings if f.regressed]

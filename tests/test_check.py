@@ -94,6 +94,8 @@ def test_unusable_input_exits_2(run_cli, tmp_path, base):
     other["results"][0]["dataset"]["sha256"] = "b" * 64
     code, _, err = run_cli("check", _write(tmp_path, "other.json", other), "--baseline", b)
     assert code == 2 and "dataset sha256 differs" in err and "g4" in err
+    code, _, err = run_cli("check", b, "--max-ppl-increase", "1%")
+    assert code == 2 and "--baseline" in err
 
 
 def test_update_baseline_writes_the_report(run_cli, tmp_path, base):
