@@ -33,3 +33,18 @@ def test_torch_backend_cuda_matches_cpu(untied_model):
         a, b = cpu.logits(ids), gpu.logits(ids)
         assert np.abs(a - b).max() < 1e-3
         assert cpu.greedy(ids[0, :16].tolist(), 16) == gpu.greedy(ids[0, :16].tolist(), 16)
+
+
+def test_awq_on_cuda_validates(untied_model, tmp_path):
+    from qwen_quant.calib import CalibConfig
+    from qwen_quant.quantize import QuantConfig
+    from qwen_quant.quantize.awq import quantize_awq
+    from qwen_quant.validate import EvalConfig
+
+    out, report = quantize_awq(QuantConfig(
+        model=str(untied_model), output=str(tmp_path / "a"), method="awq", format="awq", sym=False, device="cuda",
+        calib=CalibConfig(nsamples=64, seqlen=256), eval=EvalConfig(ctx=256, max_tokens=4096, greedy_tokens=16)))
+    r = report.results[0]
+    assert report.extra["quantize"]["peak_gpu_bytes"] > 0
+    assert r.metrics["top1_agreement"] > 0.9 and r.metrics["ppl_ratio"] < 1.03, r.metrics
+    print("\nAWQ int4 on CUDA:", {k: r.metrics[k] for k in ("perplexity", "ppl_ratio", "kl_mean", "top1_agreement", "greedy_exact")})
