@@ -33,7 +33,8 @@ def _emit(report, json_path: Optional[Path], title: str) -> None:
 
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
-    print_table(report, title=title)
+    if report.results:
+        print_table(report, title=title)
     if json_path is not None:
         report.write_json(json_path)
         typer.echo(f"report written to {json_path}")
@@ -140,10 +141,7 @@ def gptq(
                       eval=EvalConfig(ctx=ctx, max_tokens=max_tokens))
     out, report = quantize_model(cfg)
     _print_quant_summary(report.extra["quantize"], out)
-    if report.results:
-        _emit(report, json_out, f"qwen-quant gptq: {out}")
-    elif json_out is not None:
-        report.write_json(json_out) if str(json_out) != "-" else typer.echo(__import__("json").dumps(report.to_dict(), indent=2))
+    _emit(report, json_out, f"qwen-quant gptq: {out}")
 
 
 @app.command()
@@ -185,10 +183,7 @@ def awq(
                       force=force, validate=validate, eval=EvalConfig(ctx=ctx, max_tokens=max_tokens), options={"clip": clip})
     out, report = quantize_awq(cfg)
     _print_quant_summary(report.extra["quantize"], out)
-    if report.results:
-        _emit(report, json_out, f"qwen-quant awq: {out}")
-    elif json_out is not None:
-        report.write_json(json_out) if str(json_out) != "-" else typer.echo(__import__("json").dumps(report.to_dict(), indent=2))
+    _emit(report, json_out, f"qwen-quant awq: {out}")
 
 
 def _print_quant_summary(s: dict, out: Path) -> None:
