@@ -125,4 +125,7 @@ def print_table(report: Report, title: str = "qwen-quant report") -> None:
         table.add_column(h, justify="left" if h in ("artifact", "backend", "device") else "right")
     for r in report.results:
         table.add_row(*_cells(r))
-    Console(stderr=False).print(table)
+    import sys
+
+    # a pipe or CI log gets a wide table instead of rich's 80-column default, so no cell is cut
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
