@@ -69,7 +69,10 @@ def config_key(cfg: Any, drop: tuple[str, ...] = ("model", "output", "outdir", "
 
 
 def key(*parts: Any) -> str:
-    return _hash(list(parts))
+    """Content key of a build step; the tool's version is part of it, so a new release rebuilds."""
+    from qwen_quant import __version__
+
+    return _hash([__version__, *parts])
 
 
 def outputs_fingerprint(paths: list[str]) -> list[list]:
