@@ -162,6 +162,7 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
     summary = {
         "method": cfg.method, "format": cfg.format, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
         "desc_act": cfg.desc_act, "damp": cfg.damp, "intermediate_pad": pad, "device": device,
+        "options": {k: v for k, v in cfg.options.items() if isinstance(v, (bool, int, float, str))},  # e.g. AWQ's clip
         "calibration": {"source": calib.source, "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "chat": chat,
                         "seed": calib.seed},
         "size_before_bytes": _dir_size(src), "size_after_bytes": _dir_size(out), "seconds": round(seconds, 2),
