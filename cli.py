@@ -109,6 +109,7 @@ def gptq(
     desc_act: bool = typer.Option(False, "--desc-act/--no-desc-act", help="Act-order: quantize columns by decreasing Hessian diagonal (static groups)."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid (zero point fixed at the middle) or asymmetric."),
     damp: float = typer.Option(0.01, help="Hessian dampening, fraction of its mean diagonal."),
+    true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="Recapture each linear group's inputs after the earlier groups are quantized (Qwen's releases), or capture all in one pass (faster)."),
     fmt: str = typer.Option("gptq", "--format", help="gptq (classic GPTQ, as Qwen's -GPTQ-Int4/Int8) or compressed-tensors (W4A16/W8A16 pack-quantized)."),
     calib: str = typer.Option("shipped", help="Calibration text: shipped, a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG[:SPLIT]]."),
     nsamples: int = typer.Option(128, help="Calibration samples."),
@@ -136,7 +137,7 @@ def gptq(
 
     set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
     cfg = QuantConfig(model=model, output=str(output), method="rtn" if rtn else "gptq", bits=bits, group_size=group_size,
-                      sym=sym, desc_act=desc_act, damp=damp, format=fmt, calib=CalibConfig(calib, nsamples, seqlen, seed),
+                      sym=sym, desc_act=desc_act, damp=damp, true_sequential=true_sequential, format=fmt, calib=CalibConfig(calib, nsamples, seqlen, seed),
                       chat=chat, device=device, pad=pad, force=force, validate=validate,
                       eval=EvalConfig(ctx=ctx, max_tokens=max_tokens))
     out, report = quantize_model(cfg)

@@ -65,6 +65,7 @@ def main() -> int:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--out", default="bench-gptq.json")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--no-true-sequential", action="store_true", help="capture all linears of a layer in one pass")
     a = ap.parse_args()
 
     import transformers
@@ -80,6 +81,7 @@ def main() -> int:
     build_s = time.perf_counter() - t0
     torch.cuda.synchronize()
     cfg = QuantConfig(model=str(src), output=str(work / f"{a.shape}-gptq"), bits=a.bits, device="cuda",
+                      true_sequential=not a.no_true_sequential,
                       calib=CalibConfig(nsamples=a.nsamples, seqlen=a.seqlen), validate=False, force=True,
                       # the shipped calibration text holds ~247k tokens; repeat it for large nsamples x seqlen
                       )
@@ -89,7 +91,7 @@ def main() -> int:
     per = s["layers"]
     res = {
         "shape": a.shape, "layers_built": a.layers, "full_depth": full_depth, "nsamples": a.nsamples, "seqlen": a.seqlen,
-        "bits": a.bits, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "bits": a.bits, "true_sequential": not a.no_true_sequential, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "transformers": transformers.__version__, "build_seconds": round(build_s, 1), "total_seconds": s["seconds"],
         "seconds_per_layer": [p["seconds"] for p in per],
         "peak_gpu_gib_per_layer": [round(p["peak_gpu_bytes"] / 2**30, 2) for p in per],

@@ -199,3 +199,16 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(untied_model, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         quantize_model(_cfg(untied_model, tmp_path / "out"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_pass_capture_is_valid_and_differs(untied_model, tmp_path):
+    """--no-true-sequential: every Hessian from the float layer in one pass (AutoGPTQ's true_sequential=False)."""
+    seq, one = {}, {}
+    quantize_model(_cfg(untied_model, tmp_path / "seq", options={"results": seq}))
+    out, _ = quantize_model(_cfg(untied_model, tmp_path / "one", true_sequential=False, options={"results": one}))
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["true_sequential"] is False
+    q = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(seq[q].codes, one[q].codes)  # the first group sees the same inputs either way
+    d = "model.layers.0.mlp.down_proj"
+    assert not torch.equal(seq[d].codes, one[d].codes)
+    assert one[d].error < 0.05

@@ -47,8 +47,9 @@ def dequantize(tensors: dict[str, torch.Tensor], name: str, bits: int) -> torch.
     return torch.from_numpy(scales[:, g] * (codes - zeros[:, g]).astype(np.float32))
 
 
-def quantization_config(bits: int, group_size: int, desc_act: bool, sym: bool, damp: float) -> dict:
+def quantization_config(bits: int, group_size: int, desc_act: bool, sym: bool, damp: float,
+                        true_sequential: bool = True) -> dict:
     """The config.json block Qwen's GPTQ releases carry (read by transformers/optimum, vLLM, SGLang)."""
     return {"bits": bits, "group_size": group_size, "damp_percent": damp, "desc_act": desc_act,
-            "static_groups": desc_act, "sym": sym, "true_sequential": True, "model_name_or_path": None,
+            "static_groups": desc_act, "sym": sym, "true_sequential": true_sequential, "model_name_or_path": None,
             "model_file_base_name": "model", "quant_method": "gptq", "checkpoint_format": "gptq"}

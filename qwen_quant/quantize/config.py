@@ -25,6 +25,7 @@ class QuantConfig:
     sym: bool = True
     desc_act: bool = False
     damp: float = 0.01
+    true_sequential: bool = True  # recapture each linear group's inputs after the earlier groups are quantized
     format: str = "gptq"
     calib: CalibConfig = field(default_factory=CalibConfig)
     chat: bool | None = None  # None: chat-formatted calibration when the model folder name says chat/instruct

@@ -64,7 +64,7 @@ def _format_config(cfg: QuantConfig) -> dict:
     if cfg.format == "gptq":
         from qwen_quant.formats.gptq import quantization_config
 
-        return quantization_config(cfg.bits, cfg.group_size, cfg.desc_act, cfg.sym, cfg.damp)
+        return quantization_config(cfg.bits, cfg.group_size, cfg.desc_act, cfg.sym, cfg.damp, cfg.true_sequential)
     if cfg.format == "awq":
         from qwen_quant.formats.awq import quantization_config
 
@@ -124,7 +124,10 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
                 if quantize_layer is not None:  # e.g. AWQ: scale search over the whole layer first
                     results = quantize_layer(lw, layer, hidden, cfg, grid)
                 else:
-                    for names in fam.linear_groups:
+                    # true-sequential: each group's inputs are recaptured after the earlier groups were
+                    # quantized (4 capture passes); otherwise one pass captures every linear's input
+                    groups = fam.linear_groups if cfg.true_sequential else (sum(fam.linear_groups, ()),)
+                    for names in groups:
                         results.update(quantize_group(lw, layer, names, hidden, cfg, grid))
                 hidden = lw.forward(layer, hidden)
                 tensors = {}
@@ -161,7 +164,8 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
     peak_gpu = max((p["peak_gpu_bytes"] for p in per_layer), default=None) if device.startswith("cuda") else None
     summary = {
         "method": cfg.method, "format": cfg.format, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
-        "desc_act": cfg.desc_act, "damp": cfg.damp, "intermediate_pad": pad, "device": device,
+        "desc_act": cfg.desc_act, "damp": cfg.damp, "true_sequential": cfg.true_sequential, "intermediate_pad": pad,
+        "device": device,
         "options": {k: v for k, v in cfg.options.items() if isinstance(v, (bool, int, float, str))},  # e.g. AWQ's clip
         "calibration": {"source": calib.source, "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "chat": chat,
                         "seed": calib.seed},
