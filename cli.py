@@ -25,19 +25,9 @@ def _fail(err: Exception) -> None:
 
 
 def _emit(report, json_path: Optional[Path], title: str) -> None:
-    """Print the summary table, and write the JSON report when asked (``-`` means stdout)."""
-    from qwen_quant.report import print_table
+    from qwen_quant.report import emit
 
-    if json_path is not None and str(json_path) == "-":
-        import json
-
-        typer.echo(json.dumps(report.to_dict(), indent=2))
-        return
-    if report.results:
-        print_table(report, title=title)
-    if json_path is not None:
-        report.write_json(json_path)
-        typer.echo(f"report written to {json_path}")
+    emit(report, json_path, title)
 
 
 @app.command("eval")

@@ -118,18 +118,11 @@ def _validate(outs: dict[str, Path], src: Path, cfg: GGUFExportConfig, validator
             validator(p, t)
         return
     try:
-        from qwen_quant.report import Report, print_table
+        from qwen_quant.report import Report, emit
         from qwen_quant.validate import EvalConfig, run_eval
     except ImportError as err:
         raise QuantError(f"validation is unavailable ({err}); rerun with --no-validate") from None
     ecfg = EvalConfig(ctx=cfg.eval_ctx, max_tokens=cfg.eval_max_tokens)
     report = Report(results=[run_eval(p, ecfg, reference=src, backend="llama.cpp", device="auto",
                                       ref_device="cpu", artifact_type=f"gguf-{t}") for t, p in outs.items()])
-    if cfg.json and str(cfg.json) == "-":
-        import json
-
-        print(json.dumps(report.to_dict(), indent=2))
-        return
-    print_table(report, title=f"GGUF export {src.name}")
-    if cfg.json:
-        report.write_json(cfg.json)
+    emit(report, cfg.json, f"GGUF export {src.name}")

@@ -250,7 +250,7 @@ def _quantize(proto, cfg: OnnxExportConfig):
 def _validate(out: Path, src: Path, cfg: OnnxExportConfig) -> None:
     """Perplexity + parity of the ONNX folder against the source checkpoint (lead's run_eval)."""
     try:
-        from qwen_quant.report import Report, print_table
+        from qwen_quant.report import Report, emit
         from qwen_quant.validate import EvalConfig, run_eval
     except ImportError as err:  # validation modules missing from a partial install
         raise QuantError(f"validation is unavailable ({err}); rerun with --no-validate") from None
@@ -259,9 +259,4 @@ def _validate(out: Path, src: Path, cfg: OnnxExportConfig) -> None:
     result = run_eval(out, ecfg, reference=src, backend="onnxruntime", device="auto", ref_device="cpu",
                       artifact_type=kind)
     report = Report(results=[result])
-    if cfg.json and str(cfg.json) == "-":
-        print(json.dumps(report.to_dict(), indent=2))
-        return
-    print_table(report, title=f"ONNX export {out.name}")
-    if cfg.json:
-        report.write_json(cfg.json)
+    emit(report, cfg.json, f"ONNX export {out.name}")

@@ -129,3 +129,17 @@ def print_table(report: Report, title: str = "qwen-quant report") -> None:
 
     # a pipe or CI log gets a wide table instead of rich's 80-column default, so no cell is cut
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def emit(report: Report, json_path=None, title: str = "qwen-quant report") -> None:
+    """What every command does with its report: the table (unless there are no results), and the JSON
+    written to ``json_path`` when given; ``-`` prints the JSON to stdout instead of the table."""
+    json_path = json_path or None
+    if json_path is not None and str(json_path) == "-":
+        print(json.dumps(report.to_dict(), indent=2, default=_json_default))
+        return
+    if report.results:
+        print_table(report, title=title)
+    if json_path is not None:
+        report.write_json(json_path)
+        print(f"report written to {json_path}")
