@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -16,6 +16,22 @@ app = typer.Typer(
 )
 export_app = typer.Typer(help="Export a checkpoint to another runtime's format (gguf, onnx).", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+
+
+# Options shared by the quantizers (gptq, awq): one declaration each, the same names everywhere.
+Calib = Annotated[str, typer.Option(help="Calibration text: shipped, a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG[:SPLIT]].")]
+NSamples = Annotated[int, typer.Option(help="Calibration samples.")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per calibration sample.")]
+Seed = Annotated[int, typer.Option(help="Seed for calibration sampling.")]
+Chat = Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Chat-formatted calibration samples (default: when the folder name says chat/instruct).")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Pad = Annotated[bool, typer.Option(help="Pad the MLP intermediate size with zero units when the group size does not divide it (exact).")]
+Force = Annotated[bool, typer.Option(help="Replace an existing output folder.")]
+Validate = Annotated[bool, typer.Option("--validate/--no-validate", help="Measure perplexity and parity against the original after writing.")]
+Ctx = Annotated[int, typer.Option(help="Validation window length.")]
+MaxTokens = Annotated[Optional[int], typer.Option(help="Validate on the first N evaluation tokens only.")]
+JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Write the JSON report here ('-' for stdout).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
 def _fail(err: Exception) -> None:
@@ -101,20 +117,20 @@ def gptq(
     damp: float = typer.Option(0.01, help="Hessian dampening, fraction of its mean diagonal."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="Recapture each linear group's inputs after the earlier groups are quantized (Qwen's releases), or capture all in one pass (faster)."),
     fmt: str = typer.Option("gptq", "--format", help="gptq (classic GPTQ, as Qwen's -GPTQ-Int4/Int8) or compressed-tensors (W4A16/W8A16 pack-quantized)."),
-    calib: str = typer.Option("shipped", help="Calibration text: shipped, a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG[:SPLIT]]."),
-    nsamples: int = typer.Option(128, help="Calibration samples."),
-    seqlen: int = typer.Option(512, help="Tokens per calibration sample."),
-    seed: int = typer.Option(0, help="Seed for calibration sampling."),
-    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Chat-formatted calibration samples (default: when the folder name says chat/instruct)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    pad: bool = typer.Option(False, help="Pad the MLP intermediate size with zero units when the group size does not divide it (exact)."),
-    force: bool = typer.Option(False, help="Replace an existing output folder."),
-    validate: bool = typer.Option(True, "--validate/--no-validate", help="Measure perplexity and parity against the original after writing."),
-    ctx: int = typer.Option(512, help="Validation window length."),
-    max_tokens: Optional[int] = typer.Option(None, help="Validate on the first N evaluation tokens only."),
+    calib: Calib = "shipped",
+    nsamples: NSamples = 128,
+    seqlen: SeqLen = 512,
+    seed: Seed = 0,
+    chat: Chat = None,
+    device: Device = "auto",
+    pad: Pad = False,
+    force: Force = False,
+    validate: Validate = True,
+    ctx: Ctx = 512,
+    max_tokens: MaxTokens = None,
     rtn: bool = typer.Option(False, "--rtn", help="Round-to-nearest instead of GPTQ (a baseline), same grid and format."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    json_out: JsonOut = None,
+    quiet: Quiet = False,
 ) -> None:
     """GPTQ weight-only quantization, layer by layer, then validation against the original.
 
@@ -144,19 +160,19 @@ def awq(
     zero_point: bool = typer.Option(True, "--zero-point/--no-zero-point", help="Asymmetric grid with a zero point per group (AWQ's default) or symmetric."),
     clip: bool = typer.Option(True, "--clip/--no-clip", help="Search per-group clipping of the weight range (not for q/k)."),
     fmt: str = typer.Option("awq", "--format", help="awq (AutoAWQ GEMM, as Qwen's -AWQ releases) or compressed-tensors (W4A16 pack-quantized)."),
-    calib: str = typer.Option("shipped", help="Calibration text: shipped, a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG[:SPLIT]]."),
-    nsamples: int = typer.Option(128, help="Calibration samples."),
-    seqlen: int = typer.Option(512, help="Tokens per calibration sample."),
-    seed: int = typer.Option(0, help="Seed for calibration sampling."),
-    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Chat-formatted calibration samples (default: when the folder name says chat/instruct)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    pad: bool = typer.Option(False, help="Pad the MLP intermediate size with zero units when the group size does not divide it (exact)."),
-    force: bool = typer.Option(False, help="Replace an existing output folder."),
-    validate: bool = typer.Option(True, "--validate/--no-validate", help="Measure perplexity and parity against the original after writing."),
-    ctx: int = typer.Option(512, help="Validation window length."),
-    max_tokens: Optional[int] = typer.Option(None, help="Validate on the first N evaluation tokens only."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    calib: Calib = "shipped",
+    nsamples: NSamples = 128,
+    seqlen: SeqLen = 512,
+    seed: Seed = 0,
+    chat: Chat = None,
+    device: Device = "auto",
+    pad: Pad = False,
+    force: Force = False,
+    validate: Validate = True,
+    ctx: Ctx = 512,
+    max_tokens: MaxTokens = None,
+    json_out: JsonOut = None,
+    quiet: Quiet = False,
 ) -> None:
     """AWQ weight-only quantization (activation-aware scales + clipping), layer by layer, then validation.
 
