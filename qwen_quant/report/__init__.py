@@ -1,6 +1,7 @@
 """One report schema for every artifact and backend, and its table renderings.
 
-A report is JSON (schema in `schema.json`, id ``qwen-quant/report/v1``) holding one ``result`` per
+A report is JSON (schema in `schema.json`, id ``qwen-quant/report/v2``; v1 reports, which lack the
+optional ``phases``/``metadata``/``notes`` fields, still validate and `check` reads them) holding one ``result`` per
 (artifact, backend) pair: what was measured, on which device and library versions, on which
 token stream (by hash), and how long it took. `qwen-quant check` and CI read this file.
 """
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_ID = "qwen-quant/report/v1"
+SCHEMA_ID = "qwen-quant/report/v2"
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
 
 
@@ -30,6 +31,9 @@ class Result:
     wall_time_s: float
     reference: dict[str, Any] | None = None  # path, backend, device, dtype
     extra: dict[str, Any] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # v2: wall seconds per phase (load, scoring, greedy)
+    metadata: dict[str, Any] | None = None  # v2: artifact metadata parity ({ok, checks: [...]})
+    notes: list[str] = field(default_factory=list)  # v2: mode chosen, steps skipped and why
 
 
 @dataclass
