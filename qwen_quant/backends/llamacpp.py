@@ -66,6 +66,7 @@ class LlamaCppBackend(Backend):
         self._llm = llama_cpp.Llama(
             model_path=str(self.path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512),
             logits_all=True, n_gpu_layers=-1 if self.device == "cuda" else 0, n_threads=self._n_threads,
+            op_offload=self.device == "cuda",  # --device cpu on a CUDA build: no batch ops sent to the GPU
             n_threads_batch=self._n_threads, seed=0, verbose=False,
         )
         self.n_ctx = n_ctx
