@@ -83,7 +83,7 @@ def main() -> int:
     cfg = QuantConfig(model=str(src), output=str(work / f"{a.shape}-gptq"), bits=a.bits, device="cuda",
                       true_sequential=not a.no_true_sequential,
                       calib=CalibConfig(nsamples=a.nsamples, seqlen=a.seqlen), validate=False, force=True,
-                      # the shipped calibration text holds ~247k tokens; repeat it for large nsamples x seqlen
+                      # the shipped text is repeated (reshuffled) when nsamples x seqlen exceeds it; see calib.sampling
                       )
     out, report = quantize_model(cfg)
     s = report.extra["quantize"]

@@ -337,3 +337,52 @@ def test_cli_awq(untied_model, tmp_path, run_cli):
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
     code, _, err = run_cli("awq", untied_model, "-o", tmp_path / "bad", "--bits", "3", "-q")
     assert code == 2 and "4-bit" in err and not (tmp_path / "bad").exists()
+
+
+# -- the batched searches choose what the sequential ones chose -----------------------------------
+def _reference_clip(w, x, grid, n_grid=20, max_shrink=0.5, rows_per_batch=256):
+    """search_clip as it stood: one shrink step at a time, ``err < best`` keeps the first minimum."""
+    rows, cols = w.shape
+    gs = grid.size(cols)
+    xg = x.float().reshape(x.shape[0], -1, gs).transpose(0, 1)
+    best_all = []
+    for r0 in range(0, rows, rows_per_batch):
+        wb = w[r0:r0 + rows_per_batch].float()
+        wg = wb.reshape(wb.shape[0], -1, gs)
+        org_max = wg.abs().amax(-1)
+        org_out = torch.bmm(xg, wg.permute(1, 2, 0))
+        best, min_err = org_max.clone(), torch.full_like(org_max, float("inf"))
+        for i in range(int(max_shrink * n_grid)):
+            mx = org_max * (1 - i / n_grid)
+            cw = torch.maximum(torch.minimum(wg, mx[..., None]), -mx[..., None])
+            qw = awq.pseudo_quantize(cw.reshape(wb.shape), grid).reshape(wg.shape)
+            err = (torch.bmm(xg, qw.permute(1, 2, 0)) - org_out).pow(2).mean(1).T
+            better = err < min_err
+            min_err[better], best[better] = err[better], mx[better]
+        best_all.append(best)
+    return torch.cat(best_all)
+
+
+def test_batched_clip_search_matches_the_sequential_one():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 128, generator=g)
+    w[:, 7] *= 6
+    x = torch.randn(300, 128, generator=g) * torch.linspace(0.2, 3, 128)
+    for grid in (Grid(4, 32, False), Grid(4, 64, True)):
+        want = _reference_clip(w, x, grid)
+        assert torch.equal(awq.search_clip(w, x, grid), want)
+        assert torch.equal(awq.search_clip(w, x, grid, rows_per_batch=16), want)
+
+
+def test_gram_scale_search_for_a_single_linear_matches_running_it():
+    """up_proj -> down_proj: the output MSE through sum x x^T picks the ratio that running the linear does."""
+    layer, _, lw = _tiny_layer(2)
+    grid = Grid(4, 32, False)
+    pair = awq.SCALE_PAIRS["qwen2"][3]  # up_proj -> down_proj, block = the linear itself
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 40, 128, generator=g) * torch.linspace(0.1, 4, 128)
+    flat = x.reshape(-1, 128)
+    s_run = awq.search_scale(lw, layer, pair, x, grid)
+    s_gram = awq.search_scale(lw, layer, pair, None, grid, gram=flat.T @ flat, x_mean=flat.abs().mean(0),
+                              tokens=flat.shape[0])
+    torch.testing.assert_close(s_gram, s_run, rtol=1e-5, atol=0)

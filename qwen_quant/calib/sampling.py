@@ -7,6 +7,13 @@ packed text), cut into non-overlapping ``seqlen`` windows, and ``nsamples`` dist
 are drawn with the same seed. So every sample is exactly ``seqlen`` real tokens, no padding,
 and a source suffices exactly when it holds ``nsamples * seqlen`` tokens.
 
+A shorter source (the shipped text holds ~247k tokens; peers' usual 512 x 2048 needs 1M) is
+repeated: further passes over the same documents, each shuffled with a derived seed, are appended
+until the stream holds ``nsamples * seqlen`` tokens, and windows are drawn from that longer stream
+as above. Every window is still ``seqlen`` real tokens; text recurs across windows, in new
+neighbourhoods and at new offsets (what GPTQ/AWQ tools do when they cycle a small dataset). Streams
+that already suffice are unchanged. Only a source shorter than one window is an error.
+
 Chat samples: with ``chat=True`` they are rendered with ``tokenizer.apply_chat_template`` (what
 an instruct model sees at inference). With ``chat=False`` (base models) they become plain
 ``role: content`` lines, so a base model is calibrated on the words, not on markup it was never
@@ -65,14 +72,10 @@ def _separator_id(tokenizer) -> int | None:
     return tokenizer.eos_token_id
 
 
-def pack_stream(tokenizer, docs: list[Document], seed: int, chat: bool) -> np.ndarray:
-    """Shuffle documents with ``seed`` and join their tokens with a separator (see module doc)."""
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    texts = [render_document(tokenizer, docs[i], chat) for i in order]
-    sep = _separator_id(tokenizer)
+def _join(encoded: list[list[int]], order: list[int], sep: int | None) -> np.ndarray:
     stream: list[int] = []
-    for ids in _encode_many(tokenizer, texts):
+    for i in order:
+        ids = encoded[i]
         if not ids:
             continue
         if stream and sep is not None:
@@ -81,17 +84,49 @@ def pack_stream(tokenizer, docs: list[Document], seed: int, chat: bool) -> np.nd
     return np.asarray(stream, dtype=np.int64)
 
 
+def _shuffled(n: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def pack_stream(tokenizer, docs: list[Document], seed: int, chat: bool, min_tokens: int = 0) -> np.ndarray:
+    return _pack(tokenizer, docs, seed, chat, min_tokens)[0]
+
+
+def _pack(tokenizer, docs: list[Document], seed: int, chat: bool, min_tokens: int = 0) -> tuple[np.ndarray, int]:
+    """Shuffle documents with ``seed`` and join their tokens with a separator (see module doc).
+
+    ``min_tokens``: while the stream is shorter, append further passes over the same documents,
+    pass ``k`` shuffled with seed ``seed * 1000003 + k``, so the same text recurs in new
+    neighbourhoods and at new window offsets. Documents are tokenized once, whatever the passes.
+    """
+    encoded = _encode_many(tokenizer, [render_document(tokenizer, d, chat) for d in docs])
+    sep = _separator_id(tokenizer)
+    stream = _join(encoded, _shuffled(len(docs), seed), sep)
+    passes, k = [stream], 1
+    total = stream.size
+    while total < min_tokens and stream.size:
+        nxt = _join(encoded, _shuffled(len(docs), seed * 1_000_003 + k), sep)
+        if sep is not None:
+            nxt = np.concatenate([[sep], nxt])
+        passes.append(nxt)
+        total += nxt.size
+        k += 1
+    return (np.concatenate(passes) if len(passes) > 1 else stream), stream.size
+
+
 def calibration_samples(tokenizer, source: Union[str, Path] = "shipped", nsamples: int = 128,
                         seqlen: int = 512, seed: int = 0, chat: bool = False) -> torch.Tensor:
     """``[nsamples, seqlen]`` int64 calibration windows, identical for identical arguments."""
     if nsamples < 1 or seqlen < 1:
         raise QuantError(f"nsamples and seqlen must be positive (got {nsamples}, {seqlen}); "
                          "fix --nsamples/--seqlen")
-    stream = pack_stream(tokenizer, load_documents(source), seed, chat)
     need = nsamples * seqlen
-    if stream.size < need:
-        raise QuantError(f"not enough calibration tokens: have {stream.size}, need {need}; "
-                         "lower --nsamples/--seqlen or give a larger --calib")
+    stream, once = _pack(tokenizer, load_documents(source), seed, chat, min_tokens=need)
+    if once < seqlen:
+        raise QuantError(f"not enough calibration tokens: {source} holds {once}, fewer than one "
+                         f"--seqlen {seqlen} window; lower --seqlen or give a larger --calib")
     windows = stream.size // seqlen
     pick = np.random.default_rng(seed).choice(windows, size=nsamples, replace=False)
     rows = np.stack([stream[i * seqlen:(i + 1) * seqlen] for i in pick])

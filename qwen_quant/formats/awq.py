@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qwen_quant.formats.bitpack import pack_bits, unpack_bits
+from qwen_quant.formats.bitpack import pack_bits_torch, unpack_bits
 from qwen_quant.quantize.grid import QuantResult
 
 BITS = 4
@@ -26,19 +26,20 @@ ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # nibble i of a word holds column OR
 REVERSE_ORDER = np.argsort(ORDER)  # [0, 4, 1, 5, 2, 6, 3, 7]
 
 
-def _interleave(a: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Permute the last axis within consecutive blocks of 8 columns."""
+def _interleave(a, order):
+    """Permute the last axis within consecutive blocks of 8 columns (numpy arrays or torch tensors)."""
     return a.reshape(*a.shape[:-1], -1, 8)[..., order].reshape(a.shape)
 
 
 def pack(name: str, r: QuantResult, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     if r.grid.bits != BITS:
         raise ValueError(f"the AWQ GEMM layout holds 4-bit codes only, got {r.grid.bits}")
-    codes = r.codes.numpy().T  # [I, O]
-    zeros = r.zeros.numpy().T  # [G, O]
+    order = torch.as_tensor(ORDER, device=r.codes.device)
+    codes = r.codes.T  # [I, O], on the quantizer's device
+    zeros = r.zeros.T  # [G, O]
     out = {
-        f"{name}.qweight": torch.from_numpy(pack_bits(_interleave(codes, ORDER), BITS, axis=1)),
-        f"{name}.qzeros": torch.from_numpy(pack_bits(_interleave(zeros, ORDER), BITS, axis=1)),
+        f"{name}.qweight": pack_bits_torch(_interleave(codes, order), BITS, dim=1),
+        f"{name}.qzeros": pack_bits_torch(_interleave(zeros, order), BITS, dim=1),
         f"{name}.scales": r.scales.T.contiguous().to(torch.float16),
     }
     if bias is not None:

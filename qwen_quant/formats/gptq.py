@@ -15,16 +15,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qwen_quant.formats.bitpack import pack_bits, unpack_bits
+from qwen_quant.formats.bitpack import pack_bits_torch, unpack_bits
 from qwen_quant.quantize.grid import QuantResult
 
 
 def pack(name: str, r: QuantResult, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Packed tensors of one linear, on the device ``r`` lives on (the driver moves a layer to the host once)."""
     bits, maxq = r.grid.bits, r.grid.maxq
-    codes = r.codes.numpy().T  # [I, O]
     out = {
-        f"{name}.qweight": torch.from_numpy(pack_bits(codes, bits, axis=0)),
-        f"{name}.qzeros": torch.from_numpy(pack_bits((r.zeros.numpy().T - 1) & maxq, bits, axis=1)),
+        f"{name}.qweight": pack_bits_torch(r.codes.T, bits, dim=0),
+        f"{name}.qzeros": pack_bits_torch((r.zeros.T.to(torch.int64) - 1) & maxq, bits, dim=1),
         f"{name}.scales": r.scales.T.contiguous().to(torch.float16),
         f"{name}.g_idx": r.g_idx.to(torch.int32),
     }

@@ -20,6 +20,14 @@ Scales are rounded to float16 before the codes are chosen, as AutoAWQ computes t
 precision, so the checkpoint's fp16 ``scales`` reproduce `QuantResult.dequant()` exactly.
 Unlike AutoAWQ, calibration activations for the next layer come from the quantized layer (the shared
 driver in `run.py` does this for GPTQ and AWQ alike).
+
+Kept fast on the GPU: whole inputs are kept only where a block is re-run (q/k/v and gate/up); for a
+single-linear pair (v -> o with MHA, up -> down) the search uses the input's Gram matrix sum x x^T,
+which gives the same output MSE without forwards or the [tokens, in] tensor (down_proj's input is
+the largest of the layer); each candidate's loss stays on the device and the best ratio is taken
+with one argmin; the clip search evaluates all shrink steps of a row batch in one batched matmul.
+Mathematically the choices are those of the sequential searches (the tests compare them); float
+rounding differs slightly (a linear's output error is no longer rounded to fp16 before squaring).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import torch
 
 from qwen_quant.errors import QuantError
 from qwen_quant.quantize.config import QuantConfig
+from qwen_quant.quantize.gptq import Hessian
 from qwen_quant.quantize.grid import Grid, QuantResult, quantize_codes
 from qwen_quant.quantize.layerwise import Layerwise, get_module
 
@@ -83,8 +92,8 @@ def awq_rtn(w: torch.Tensor, grid: Grid) -> QuantResult:
     scale, zero = awq_params(w, grid)
     gs = grid.size(cols)
     codes = quantize_codes(w.float().reshape(rows, -1, gs), scale[..., None], zero[..., None], grid.maxq)
-    g_idx = torch.arange(cols, dtype=torch.int32) // gs
-    return QuantResult(codes.reshape(rows, cols).int().cpu(), scale.cpu(), zero.int().cpu(), g_idx, grid)
+    g_idx = torch.arange(cols, dtype=torch.int32, device=w.device) // gs
+    return QuantResult(codes.reshape(rows, cols).int(), scale, zero.int(), g_idx, grid)  # stays on the device
 
 
 def pseudo_quantize(w: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -98,24 +107,34 @@ def pseudo_quantize(w: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 # -- running blocks -----------------------------------------------------------------------------
 @torch.no_grad()
-def _run(lw: Layerwise, block: torch.nn.Module, x: torch.Tensor, attention: bool) -> torch.Tensor:
+def _run(lw: Layerwise, block: torch.nn.Module, x: torch.Tensor, attention: bool) -> list[torch.Tensor]:
+    """The block's output per batch (kept as a list: nothing [samples, seq, hidden]-sized is concatenated)."""
     outs = []
     for i in range(0, x.shape[0], lw.batch_size):
         xb = x[i:i + lw.batch_size]
         out = block(xb, position_embeddings=lw.pos_emb, attention_mask=None) if attention else block(xb)
         outs.append(out[0] if isinstance(out, tuple) else out)
-    return torch.cat(outs)
+    return outs
 
 
-def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).pow(2).mean())
+def _sq_err(ref: list[torch.Tensor], out: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squared differences in float32, as a device scalar (no host sync)."""
+    return sum((a.float() - b.float()).pow(2).sum() for a, b in zip(ref, out))
 
 
 # -- scale search -------------------------------------------------------------------------------
 @torch.no_grad()
-def search_scale(lw: Layerwise, layer: torch.nn.Module, pair: ScalePair, x: torch.Tensor, grid: Grid,
-                 n_grid: int = 20, duo_scaling: bool = True) -> torch.Tensor:
-    """The per-input-channel scales [in] for ``pair`` that minimise its block's output MSE."""
+def search_scale(lw: Layerwise, layer: torch.nn.Module, pair: ScalePair, x: torch.Tensor | None, grid: Grid,
+                 n_grid: int = 20, duo_scaling: bool = True, gram: torch.Tensor | None = None,
+                 x_mean: torch.Tensor | None = None, tokens: int | None = None) -> torch.Tensor:
+    """The per-input-channel scales [in] for ``pair`` that minimise its block's output MSE.
+
+    A block (attention, MLP) is run on every sample for every ratio. A single linear needs no
+    forwards: with ``gram`` = sum x x^T over its ``tokens`` inputs, the summed squared output error
+    of weights W' is sum((W - W') G (W - W')^T), exactly the same quantity (up to float rounding)
+    at out x in^2 instead of tokens x in x out work, and without keeping the inputs.
+    The loss of every ratio stays on the device; the best is picked once at the end.
+    """
     lins = [get_module(layer, n) for n in pair.linears]
     block = get_module(layer, pair.inspect) if pair.inspect else lins[0]
     orig = [lin.weight.data.clone() for lin in lins]
@@ -123,10 +142,16 @@ def search_scale(lw: Layerwise, layer: torch.nn.Module, pair: ScalePair, x: torc
     gs = grid.size(w.shape[1])
     wg = w.abs().reshape(w.shape[0], -1, gs)
     w_mean = (wg / (wg.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
-    x_mean = x.abs().float().reshape(-1, x.shape[-1]).mean(0)
-    ref = _run(lw, block, x, pair.attention)
+    if x_mean is None:
+        x_mean = x.abs().float().reshape(-1, x.shape[-1]).mean(0)
+    use_gram = gram is not None and pair.inspect is None
+    if use_gram:
+        n_out = orig[0].shape[0] * tokens
+    else:
+        ref = _run(lw, block, x, pair.attention)
+        n_out = sum(r.numel() for r in ref)
 
-    best, best_err = None, float("inf")
+    cands, losses = [], []
     try:
         for r in range(n_grid):
             a = r / n_grid
@@ -135,19 +160,25 @@ def search_scale(lw: Layerwise, layer: torch.nn.Module, pair: ScalePair, x: torc
             else:
                 s = x_mean.pow(a).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            s[~torch.isfinite(s)] = 1
+            s = torch.where(torch.isfinite(s), s, 1.0)
+            cands.append(s)
+            if use_gram:
+                D = orig[0].float() - (pseudo_quantize(orig[0].float() * s, grid) / s).to(orig[0].dtype).float()
+                losses.append((D * (D @ gram)).sum() / n_out)
+                continue
             for lin, o in zip(lins, orig):
                 lin.weight.data = (pseudo_quantize(o.float() * s, grid) / s).to(o.dtype)
-            err = _mse(ref, _run(lw, block, x, pair.attention))
-            if err < best_err:
-                best, best_err = s.clone(), err
+            losses.append(_sq_err(ref, _run(lw, block, x, pair.attention)) / n_out)
     finally:
         for lin, o in zip(lins, orig):
             lin.weight.data = o
-    if best is None:
+    loss = torch.stack(losses)
+    loss = torch.where(torch.isnan(loss), float("inf"), loss)  # NaN never wins, as with `err < best`
+    best = int(torch.argmin(loss))  # the first minimum, as the sequential search kept it
+    if not bool(torch.isfinite(loss[best])):
         raise QuantError(f"AWQ scale search for {pair.linears} produced no finite loss; "
                          "the layer's activations contain inf/nan (try float32, --device cpu, to check the model)")
-    return best
+    return cands[best]
 
 
 @torch.no_grad()
@@ -169,30 +200,38 @@ def apply_scale(layer: torch.nn.Module, pair: ScalePair, s: torch.Tensor) -> Non
 # -- clip search --------------------------------------------------------------------------------
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, grid: Grid, n_grid: int = 20, max_shrink: float = 0.5,
-                rows_per_batch: int = 256) -> torch.Tensor:
+                rows_per_batch: int | None = None) -> torch.Tensor:
     """Per (row, group) clip value max|w| * (1 - i/n_grid) that minimises the group's output MSE.
 
     ``x`` [tokens, in] is the (already scaled) input sample. Returns [rows, groups].
-    Each group's output is a batched matmul over groups, so nothing [rows, tokens, in]-sized is built.
+    Each group's output is a batched matmul over groups, so nothing [rows, tokens, in]-sized is built;
+    every shrink step of a row batch is evaluated in one batched matmul, and the first minimum is
+    kept with argmin (what the sequential ``err < best`` loop kept), without a host round trip.
     """
     rows, cols = w.shape
     gs = grid.size(cols)
+    steps = int(max_shrink * n_grid)
     xg = x.float().reshape(x.shape[0], -1, gs).transpose(0, 1)  # [G, T, gs]
+    G, T = xg.shape[0], xg.shape[1]
+    if rows_per_batch is None:  # ~256 MiB of float32 candidate outputs per batch
+        rows_per_batch = max(64, min(rows, (2**26) // max(1, steps * G * T)))
+    shrink = torch.tensor([1 - i / n_grid for i in range(steps)], device=w.device)  # [S], as Python floats
     best_all = []
     for r0 in range(0, rows, rows_per_batch):
         wb = w[r0:r0 + rows_per_batch].float()
-        wg = wb.reshape(wb.shape[0], -1, gs)  # [R, G, gs]
+        R = wb.shape[0]
+        wg = wb.reshape(R, -1, gs)  # [R, G, gs]
         org_max = wg.abs().amax(-1)  # [R, G]
         org_out = torch.bmm(xg, wg.permute(1, 2, 0))  # [G, T, R]
-        best, min_err = org_max.clone(), torch.full_like(org_max, float("inf"))
-        for i in range(int(max_shrink * n_grid)):
-            mx = org_max * (1 - i / n_grid)
-            cw = torch.maximum(torch.minimum(wg, mx[..., None]), -mx[..., None])
-            qw = pseudo_quantize(cw.reshape(wb.shape), grid).reshape(wg.shape)
-            err = (torch.bmm(xg, qw.permute(1, 2, 0)) - org_out).pow(2).mean(1).T  # [R, G]
-            better = err < min_err
-            min_err[better], best[better] = err[better], mx[better]
-        best_all.append(best)
+        mx = org_max[None] * shrink[:, None, None]  # [S, R, G]
+        cw = torch.maximum(torch.minimum(wg[None], mx[..., None]), -mx[..., None])  # [S, R, G, gs]
+        qw = pseudo_quantize(cw.reshape(steps * R, cols), grid).reshape(steps, R, G, gs)
+        out = torch.matmul(xg[None], qw.permute(0, 2, 3, 1))  # [S, G, T, R]
+        err = (out - org_out[None]).pow(2).mean(2).transpose(1, 2)  # [S, R, G]
+        del out, qw, cw
+        err = torch.where(torch.isnan(err), float("inf"), err)
+        pick = torch.argmin(err, 0)  # [R, G]: the first shrink step with the least error
+        best_all.append(torch.gather(mx, 0, pick[None]).squeeze(0))
     return torch.cat(best_all)
 
 
@@ -225,26 +264,52 @@ def quantize_layer(lw: Layerwise, layer: torch.nn.Module, hidden: torch.Tensor, 
     groups = lw.family.linear_groups
     names = [n for g in groups for n in g]
     source = {n: g[0] for g in groups for n in g}  # linears of one group share one input tensor
-    feats: dict[str, list[torch.Tensor]] = {g[0]: [] for g in groups}
-    lw.capture(layer, list(feats), lambda n, x: feats[n].append(x), hidden)
-    inputs = {n: torch.cat(v) for n, v in feats.items()}
-    del feats
-
-    for pair in _pairs(lw, layer):
+    pairs = _pairs(lw, layer)
+    for pair in pairs:
         src = source[pair.linears[0]]
         if any(source[n] != src for n in pair.linears) or {n for n in names if source[n] == src} != set(pair.linears):
             raise QuantError(f"AWQ scale pair {pair.linears} must cover exactly one group of linears sharing an input")
-        s = search_scale(lw, layer, pair, inputs[src], grid, opts["n_grid"], opts["duo_scaling"])
-        apply_scale(layer, pair, s)
-        x = inputs[src]  # the scaled linears now see x / s
-        inputs[src] = (x.float() / s.to(x.device)).to(x.dtype)
+    # what each input is needed for: whole tensors only where a block (attention, MLP) is re-run;
+    # a single linear's pair needs its Gram matrix and mean |x|; clipping and the error need a sample
+    full = {source[p.linears[0]] for p in pairs if p.inspect}
+    gram_src = {source[p.linears[0]] for p in pairs if not p.inspect}
+    srcs = [g[0] for g in groups]
+    feats: dict[str, list[torch.Tensor]] = {n: [] for n in full}
+    grams = {n: Hessian(get_module(layer, n).in_features, lw.device) for n in gram_src}
+    abs_sum = {n: 0 for n in gram_src}
+    samples: dict[str, list[torch.Tensor]] = {n: [] for n in srcs}
+    offset = dict.fromkeys(srcs, 0)
+    step = max(1, hidden.shape[0] * hidden.shape[1] // opts["clip_tokens"])  # AutoAWQ's n_sample_token
 
-    # a strided token sample per input (AutoAWQ's n_sample_token) for clipping and the error estimate
-    sample = {}
-    for n, x in inputs.items():
+    def keep(n: str, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1])
-        sample[n] = flat[:: max(1, flat.shape[0] // opts["clip_tokens"])].float()
-    del inputs
+        if n in feats:
+            feats[n].append(x)
+        if n in grams:
+            grams[n].add(flat)
+            abs_sum[n] = abs_sum[n] + flat.abs().float().sum(0)
+        samples[n].append(flat[(-offset[n]) % step::step].clone())  # every step-th token of the stream
+        offset[n] += flat.shape[0]
+
+    lw.capture(layer, srcs, keep, hidden)
+    inputs = {n: torch.cat(v) for n, v in feats.items()}
+    sample = {n: torch.cat(v) for n, v in samples.items()}
+    del feats, samples
+    tokens = hidden.shape[0] * hidden.shape[1]
+
+    for pair in pairs:
+        src = source[pair.linears[0]]
+        if src in grams:
+            s = search_scale(lw, layer, pair, None, grid, opts["n_grid"], opts["duo_scaling"], gram=grams[src].S,
+                             x_mean=abs_sum[src] / tokens, tokens=tokens)
+            del grams[src]
+        else:
+            s = search_scale(lw, layer, pair, inputs.pop(src), grid, opts["n_grid"], opts["duo_scaling"])
+        apply_scale(layer, pair, s)
+        x = sample[src]  # the scaled linears now see x / s (rounded to the activation dtype, as they would)
+        sample[src] = (x.float() / s.to(x.device)).to(x.dtype)
+    del inputs, grams
+    sample = {n: x.float() for n, x in sample.items()}
 
     results = {}
     for n in names:
@@ -254,7 +319,7 @@ def quantize_layer(lw: Layerwise, layer: torch.nn.Module, hidden: torch.Tensor, 
         if opts["clip"] and not n.endswith(NO_CLIP):
             apply_clip(lin, search_clip(lin.weight.data, x, grid, opts["n_grid"], opts["max_shrink"]), grid)
         r = awq_rtn(lin.weight.data, grid)
-        dq = r.dequant().to(lin.weight.device)
+        dq = r.dequant()
         r.error = float((x @ (scaled - dq).T).pow(2).sum() / (x @ scaled.T).pow(2).sum().clamp_min(1e-20))
         lin.weight.data = dq.to(lin.weight.dtype)
         results[n] = r

@@ -44,6 +44,7 @@ class QuantResult:
     g_idx: torch.Tensor  # int32 [in]: group of each input column
     grid: Grid
     error: float = 0.0  # mean relative reconstruction error ||(W - Q) X|| / ||W X|| when known
+    row_stats: tuple | None = None  # GPTQ: per-row (||(W - Q) X||^2, ||W X||^2), to split stacked solves
 
     def to(self, device) -> "QuantResult":
         return QuantResult(self.codes.to(device), self.scales.to(device), self.zeros.to(device), self.g_idx.to(device),
@@ -57,22 +58,28 @@ class QuantResult:
 def find_params(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max scale and zero for each row of ``w`` [rows, cols] (one group)."""
     w = w.float()
+    return minmax_params(w.amin(1), w.amax(1), grid)
+
+
+def minmax_params(xmin: torch.Tensor, xmax: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """`find_params` from each group's min and max (any shape): min/max compose over column ranges,
+    so GPTQ can take a group's parameters from two slices without concatenating them."""
     maxq = grid.maxq
-    xmin = torch.clamp(w.min(1).values, max=0)
-    xmax = torch.clamp(w.max(1).values, min=0)
+    xmin = torch.clamp(xmin.float(), max=0)
+    xmax = torch.clamp(xmax.float(), min=0)
     if grid.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
-    flat = (xmin == 0) & (xmax == 0)
-    xmin[flat], xmax[flat] = -1.0, 1.0
+    flat = (xmin == 0) & (xmax == 0)  # torch.where, not masked assignment: no host sync on the GPU
+    xmin, xmax = torch.where(flat, -1.0, xmin), torch.where(flat, 1.0, xmax)
     scale = (xmax - xmin) / maxq
     if grid.sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
         zero = torch.round(-xmin / scale)
         at0 = zero < 1  # classic GPTQ stores zero-1: keep zero >= 1 and still reach xmax
-        scale[at0] = xmax[at0] / (maxq - 1)
-        zero[at0] = 1
+        scale = torch.where(at0, xmax / (maxq - 1), scale)
+        zero = torch.where(at0, 1.0, zero)
     return scale, zero
 
 

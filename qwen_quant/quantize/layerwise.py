@@ -48,8 +48,8 @@ class Layerwise:
         self.rotary = type(self.skeleton.model.rotary_emb)(config=cfg).to(self.device)
 
     # -- weights -----------------------------------------------------------------------------
-    def _tensor(self, name: str) -> torch.Tensor:
-        t = self.store.get(name)
+    def _tensor(self, name: str, store: WeightStore | None = None) -> torch.Tensor:
+        t = (store or self.store).get(name)
         if self.intermediate_pad:
             if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
                 t = torch.cat([t, t.new_zeros(self.intermediate_pad, t.shape[1])], 0)
@@ -57,10 +57,34 @@ class Layerwise:
                 t = torch.cat([t, t.new_zeros(t.shape[0], self.intermediate_pad)], 1)
         return t
 
+    def _read(self, path: str) -> dict[str, torch.Tensor]:
+        """Host tensors of module ``path`` in the compute dtype (pinned when the device is CUDA).
+
+        Runs on the prefetch thread with its own store (safetensors handles are not shared)."""
+        if not hasattr(self, "_bg_store"):
+            self._bg_store = WeightStore(self.model_dir)
+        names = get_module(self.skeleton, path).state_dict()
+        out = {k: self._tensor(f"{path}.{k}", self._bg_store).to(self.dtype) for k in names}
+        if self.device.startswith("cuda"):
+            out = {k: v.pin_memory() for k, v in out.items()}
+        return out
+
+    def prefetch(self, path: str) -> None:
+        """Start reading module ``path`` from disk while the current layer is quantized."""
+        if not hasattr(self, "_prefetcher"):
+            from qwen_quant.quantize.overlap import Prefetcher
+
+            self._prefetcher = Prefetcher(self._read)
+        self._prefetcher.start(path)
+
     def load(self, path: str) -> torch.nn.Module:
-        """Materialise module ``path`` (e.g. "model.layers.3") on the device."""
+        """Materialise module ``path`` (e.g. "model.layers.3") on the device (prefetched if started)."""
         module = get_module(self.skeleton, path)
-        sd = {k: self._tensor(f"{path}.{k}").to(self.device, self.dtype) for k in module.state_dict()}
+        if hasattr(self, "_prefetcher"):
+            host = self._prefetcher.get(path)
+            sd = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+        else:
+            sd = {k: self._tensor(f"{path}.{k}").to(self.device, self.dtype) for k in module.state_dict()}
         module.load_state_dict(sd, assign=True)
         return module
 
@@ -86,22 +110,48 @@ class Layerwise:
         self.pos_ids = pos
         return h
 
+    def _call(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = layer(x, attention_mask=None, position_ids=self.pos_ids, position_embeddings=self.pos_emb)
+        return out[0] if isinstance(out, tuple) else out
+
     @torch.no_grad()
-    def forward(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Run ``layer`` on every calibration sample (causal attention via SDPA, no mask needed)."""
-        outs = torch.empty_like(hidden)
+    def forward(self, layer: torch.nn.Module, hidden: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """Run ``layer`` on every calibration sample (causal attention via SDPA, no mask needed).
+
+        ``in_place``: write each batch's output over its input (a batch's input is not read again),
+        which saves a second [samples, seq, hidden] buffer: 4 GiB for a 72B layer at 128 x 2048."""
+        outs = hidden if in_place else torch.empty_like(hidden)
         for i in range(0, hidden.shape[0], self.batch_size):
-            out = layer(hidden[i:i + self.batch_size], attention_mask=None, position_ids=self.pos_ids,
-                        position_embeddings=self.pos_emb)
-            outs[i:i + self.batch_size] = out[0] if isinstance(out, tuple) else out
+            outs[i:i + self.batch_size] = self._call(layer, hidden[i:i + self.batch_size])
         return outs
 
     @torch.no_grad()
     def capture(self, layer: torch.nn.Module, names: Iterable[str], fn: Callable[[str, torch.Tensor], None],
-                hidden: torch.Tensor) -> None:
-        """Call ``fn(name, input)`` for the input of each named linear while the layer runs on all samples."""
-        with hooks(layer, names, fn):
-            self.forward(layer, hidden)
+                hidden: torch.Tensor, stop: bool = True) -> None:
+        """Call ``fn(name, input)`` for the input of each named linear while the layer runs on all samples.
+
+        ``stop``: each batch's forward ends as soon as every named linear has seen its input, so
+        capturing q/k/v costs a norm, not a whole layer (the rest of the layer would be discarded)."""
+        names = list(names)
+        seen: set[str] = set()
+
+        def hook(n, x):
+            fn(n, x)
+            seen.add(n)
+            if stop and len(seen) == len(names):
+                raise _Stop
+
+        with hooks(layer, names, hook):
+            for i in range(0, hidden.shape[0], self.batch_size):
+                seen.clear()
+                try:
+                    self._call(layer, hidden[i:i + self.batch_size])
+                except _Stop:
+                    pass
+
+
+class _Stop(Exception):
+    """Raised by a capture hook once a batch has given every hooked linear its input."""
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from qwen_quant.errors import QuantError
 from qwen_quant.models import check_model, load_tokenizer, pick_device
 from qwen_quant.progress import log, progress
 from qwen_quant.quantize.config import QuantConfig, plan_padding
-from qwen_quant.quantize.gptq import Hessian, gptq_quantize
+from qwen_quant.quantize.gptq import Hessian, gptq_quantize, split_rows
 from qwen_quant.quantize.grid import Grid, QuantResult, rtn_quantize
 from qwen_quant.quantize.layerwise import Layerwise, get_module
 from qwen_quant.report import Report
@@ -22,27 +22,41 @@ from qwen_quant.report import Report
 def _relative_error(w: torch.Tensor, r: QuantResult, H: torch.Tensor) -> float:
     """||(W - Q) X||^2 / ||W X||^2 estimated through the input Hessian (undamped)."""
     d = w.float() - r.dequant()
-    num = torch.einsum("ij,jk,ik->", d, H, d)
-    den = torch.einsum("ij,jk,ik->", w.float(), H, w.float())
+    num = (d * (d @ H)).sum()
+    den = (w.float() * (w.float() @ H)).sum()
     return float(num / den.clamp_min(1e-20))
 
 
-def quantize_group(lw: Layerwise, layer, names, hidden, cfg: QuantConfig, grid: Grid) -> dict[str, QuantResult]:
-    """GPTQ or RTN for one true-sequential group of linears sharing an input."""
-    stats = {n: Hessian(get_module(layer, n).in_features, lw.device) for n in names}
-    lw.capture(layer, names, lambda n, x: stats[n].add(x), hidden)
+def quantize_group(lw: Layerwise, layer, groups, hidden, cfg: QuantConfig, grid: Grid) -> dict[str, QuantResult]:
+    """GPTQ or RTN for linears captured in one pass; ``groups``: tuples of linears that share an input.
+
+    One Hessian per tuple (q/k/v and gate/up read the same tensor), and GPTQ solves each tuple as one
+    stacked matrix; results stay on the device (packing runs there too).
+    """
+    if groups and isinstance(groups[0], str):  # a single tuple of linears sharing an input
+        groups = (tuple(groups),)
+    firsts = [g[0] for g in groups]
+    stats = {n: Hessian(get_module(layer, n).in_features, lw.device) for n in firsts}
+    lw.capture(layer, firsts, lambda n, x: stats[n].add(x), hidden)
     out = {}
-    for n in names:
-        lin = get_module(layer, n)
-        H = stats[n].H
+    for g in groups:
+        lins = [get_module(layer, n) for n in g]
+        st = stats.pop(g[0])
+        H = st.S.mul_(2.0 / max(st.n, 1))  # the Hessian, in place of the sum
+        del st
         if cfg.method == "gptq":
-            r = gptq_quantize(lin.weight.data, H, grid, damp=cfg.damp, desc_act=cfg.desc_act)
+            W = torch.cat([lin.weight.data for lin in lins]) if len(lins) > 1 else lins[0].weight.data
+            r = gptq_quantize(W, H, grid, damp=cfg.damp, desc_act=cfg.desc_act, own_hessian=True)
+            del W
+            parts = split_rows(r, [lin.out_features for lin in lins])
         else:
-            r = rtn_quantize(lin.weight.data, grid)
-        r = r.to(lin.weight.device)
-        r.error = _relative_error(lin.weight.data, r, H)
-        lin.weight.data = r.dequant().to(lin.weight.dtype)
-        out[n] = r.to("cpu")  # packing runs on the CPU
+            parts = [rtn_quantize(lin.weight.data, grid) for lin in lins]
+            for lin, r in zip(lins, parts):
+                r.error = _relative_error(lin.weight.data, r, H)
+        del H
+        for n, lin, r in zip(g, lins, parts):
+            lin.weight.data = r.dequant().to(lin.weight.dtype)
+            out[n] = r
     return out
 
 
@@ -57,7 +71,7 @@ def _packer(cfg: QuantConfig, out_dtype: torch.dtype):
         return awq.pack
     from qwen_quant.formats import ct
 
-    return lambda name, r, bias: ct.pack(name, r, bias, out_dtype)
+    return lambda name, r, bias: ct.pack(name, r.to("cpu"), None if bias is None else bias.cpu(), out_dtype)
 
 
 def _format_config(cfg: QuantConfig) -> dict:
@@ -76,6 +90,25 @@ def _format_config(cfg: QuantConfig) -> dict:
 
 def _dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))
+
+
+class _Phases:
+    """Seconds per phase of one layer (load, quantize, forward, pack, to_host) when ``enabled``
+    (``options["phases"]``): each mark waits for the device, so it is off by default."""
+
+    def __init__(self, device: str, enabled: bool):
+        self.enabled, self.cuda = enabled, device.startswith("cuda")
+        self.t = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str) -> None:
+        if not self.enabled:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.t, 4)
+        self.t = now
 
 
 def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
@@ -104,10 +137,11 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
         torch.cuda.reset_peak_memory_stats()
 
     from qwen_quant.formats.checkpoint import CheckpointWriter
+    from qwen_quant.quantize.overlap import BackgroundWriter
 
     t0 = time.perf_counter()
     lw = Layerwise(str(src), hf, fam, device=device, dtype=compute, intermediate_pad=pad, batch_size=cfg.batch_size)
-    writer = CheckpointWriter(out, force=cfg.force)
+    writer = BackgroundWriter(CheckpointWriter(out, force=cfg.force))  # writes overlap the next layer
     pack = _packer(cfg, out_dtype)
     per_layer = []
     try:
@@ -117,8 +151,12 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
         with progress("quantizing layers", total=n_layers, unit="layers") as advance:
             for i in range(n_layers):
                 t1 = time.perf_counter()
+                phase = _Phases(device, bool(cfg.options.get("phases")))
                 path = f"{fam.layers_path}.{i}"
                 layer = lw.load(path)
+                if i + 1 < n_layers:
+                    lw.prefetch(f"{fam.layers_path}.{i + 1}")  # disk reads overlap this layer's compute
+                phase("load")
                 results: dict[str, QuantResult] = {}
                 quantize_layer = cfg.options.get("quantize_layer")
                 if quantize_layer is not None:  # e.g. AWQ: scale search over the whole layer first
@@ -126,10 +164,12 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
                 else:
                     # true-sequential: each group's inputs are recaptured after the earlier groups were
                     # quantized (4 capture passes); otherwise one pass captures every linear's input
-                    groups = fam.linear_groups if cfg.true_sequential else (sum(fam.linear_groups, ()),)
-                    for names in groups:
-                        results.update(quantize_group(lw, layer, names, hidden, cfg, grid))
-                hidden = lw.forward(layer, hidden)
+                    passes = [(g,) for g in fam.linear_groups] if cfg.true_sequential else [fam.linear_groups]
+                    for groups in passes:
+                        results.update(quantize_group(lw, layer, groups, hidden, cfg, grid))
+                phase("quantize")
+                hidden = lw.forward(layer, hidden, in_place=True)
+                phase("forward")
                 tensors = {}
                 for name, mod in layer.named_modules():
                     if name in results:
@@ -138,11 +178,15 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
                     mod_name = k.rsplit(".", 1)[0]
                     if mod_name not in results:
                         tensors[f"{path}.{k}"] = v.to(out_dtype)
+                phase("pack")
                 writer.add(tensors)
+                phase("to_host")
                 if isinstance(cfg.options.get("results"), dict):  # tests and benchmarks inspect the choices
                     cfg.options["results"].update({f"{path}.{k}": v for k, v in results.items()})
                 err = sum(r.error for r in results.values()) / len(results)
                 per_layer.append({"layer": i, "seconds": round(time.perf_counter() - t1, 3), "mean_rel_error": err})
+                if phase.enabled:
+                    per_layer[-1]["phases"] = phase.seconds
                 if device.startswith("cuda"):
                     per_layer[-1]["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
@@ -156,7 +200,9 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
         new_cfg["intermediate_size"] = hf["intermediate_size"] + pad
         new_cfg["quantization_config"] = _format_config(cfg)
         new_cfg["dtype"] = new_cfg["torch_dtype"] = str(out_dtype).replace("torch.", "")
+        t_drain = time.perf_counter()
         writer.finish(new_cfg, src)
+        drain_s = time.perf_counter() - t_drain  # writes still queued after the last layer
     except BaseException:
         writer.abort()
         raise
@@ -170,6 +216,7 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
         "calibration": {"source": calib.source, "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "chat": chat,
                         "seed": calib.seed},
         "size_before_bytes": _dir_size(src), "size_after_bytes": _dir_size(out), "seconds": round(seconds, 2),
+        "finish_seconds": round(drain_s, 2),
         "peak_gpu_bytes": peak_gpu, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "layers": per_layer,
     }
