@@ -140,9 +140,11 @@ def test_peer_size_512x2048_repeats_the_shipped_text(tok, tmp_path):
     longer = pack_stream(tok, docs, 0, False, min_tokens=512 * 2048)
     assert longer.size >= 512 * 2048 and np.array_equal(longer[:one.size], one)  # first pass unchanged
     short = tmp_path / "short.txt"
-    short.write_text("just a few words")
-    with pytest.raises(QuantError, match="fewer than one --seqlen 2048 window"):
-        calibration_samples(tok, source=str(short), nsamples=4, seqlen=2048)
+    short.write_text("a few dozen words of text, " * 20)  # ~140 tokens: repeatable, but not one window
+    with pytest.raises(QuantError, match="fewer than one --seqlen 256 window"):
+        calibration_samples(tok, source=str(short), nsamples=2, seqlen=256)
+    with pytest.raises(QuantError, match=r"more than 16 passes"):
+        calibration_samples(tok, source=str(short), nsamples=64, seqlen=128)
 
 
 def test_greedy_prompts_and_training_texts(tok, records):
@@ -227,7 +229,7 @@ def test_file_errors(tok, tmp_path):
         calibration_samples(tok, notext)
     small = tmp_path / "s.txt"
     small.write_text("just a few words")
-    with pytest.raises(QuantError, match=r"s.txt holds 4, fewer than one --seqlen 256 window"):
+    with pytest.raises(QuantError, match="not enough calibration tokens: have 4, need 512"):
         calibration_samples(tok, small, nsamples=2, seqlen=256)
 
 

@@ -12,7 +12,8 @@ repeated: further passes over the same documents, each shuffled with a derived s
 until the stream holds ``nsamples * seqlen`` tokens, and windows are drawn from that longer stream
 as above. Every window is still ``seqlen`` real tokens; text recurs across windows, in new
 neighbourhoods and at new offsets (what GPTQ/AWQ tools do when they cycle a small dataset). Streams
-that already suffice are unchanged. Only a source shorter than one window is an error.
+that already suffice are unchanged. A source shorter than one window, or one that would have to be
+repeated more than ``MAX_PASSES`` (16) times, is an error.
 
 Chat samples: with ``chat=True`` they are rendered with ``tokenizer.apply_chat_template`` (what
 an instruct model sees at inference). With ``chat=False`` (base models) they become plain
@@ -36,6 +37,7 @@ from qwen_quant.errors import QuantError
 from .sources import Document, load_documents, load_eval_text, shipped_calibration, shipped_dir
 
 SEPARATOR_TOKEN = "<|endoftext|>"
+MAX_PASSES = 16  # a source repeated more often than this is too small for the request (an error)
 
 
 def render_chatml(messages: list[dict]) -> str:
@@ -106,6 +108,8 @@ def _pack(tokenizer, docs: list[Document], seed: int, chat: bool, min_tokens: in
     stream = _join(encoded, _shuffled(len(docs), seed), sep)
     passes, k = [stream], 1
     total = stream.size
+    if min_tokens > MAX_PASSES * stream.size:
+        min_tokens = 0  # too small to repeat: the caller reports it
     while total < min_tokens and stream.size:
         nxt = _join(encoded, _shuffled(len(docs), seed * 1_000_003 + k), sep)
         if sep is not None:
@@ -124,6 +128,9 @@ def calibration_samples(tokenizer, source: Union[str, Path] = "shipped", nsample
                          "fix --nsamples/--seqlen")
     need = nsamples * seqlen
     stream, once = _pack(tokenizer, load_documents(source), seed, chat, min_tokens=need)
+    if stream.size < need:
+        raise QuantError(f"not enough calibration tokens: have {once}, need {need} (more than {MAX_PASSES} "
+                         "passes over the source); lower --nsamples/--seqlen or give a larger --calib")
     if once < seqlen:
         raise QuantError(f"not enough calibration tokens: {source} holds {once}, fewer than one "
                          f"--seqlen {seqlen} window; lower --seqlen or give a larger --calib")
