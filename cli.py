@@ -51,8 +51,10 @@ def eval_cmd(
     model: str = typer.Argument(..., help="Artifact to measure: checkpoint folder (full, GPTQ, AWQ, compressed-tensors), .gguf file, or ONNX folder/file."),
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Full-precision checkpoint to compare against (KL, top-1, greedy parity)."),
     backend: Optional[str] = typer.Option(None, help="torch, llama.cpp or onnxruntime (default: the artifact's natural runtime)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N, or cuda:0,1,... to split models too large for one GPU over several (torch)."),
     dtype: Optional[str] = typer.Option(None, help="Compute dtype on the torch backend: fp32, fp16, bf16 (default fp32 on CPU, bf16 on CUDA)."),
+    streamed: Optional[bool] = typer.Option(None, "--streamed/--no-streamed", help="Score layer by layer (reference + artifact together), for models that do not fit the device; default: chosen by itself when they do not fit."),
+    batch_size: int = typer.Option(0, help="Windows per forward (0: about 16k tokens on CUDA, 4k on the CPU)."),
     ctx: int = typer.Option(512, help="Window length in tokens."),
     method: str = typer.Option("windows", help="windows (llama-perplexity: non-overlapping, score 2nd half) or stride (HF sliding window)."),
     stride: Optional[int] = typer.Option(None, help="Stride for --method stride (default ctx/2)."),
@@ -72,8 +74,10 @@ def eval_cmd(
     from qwen_quant.validate import EvalConfig, run_eval
 
     set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
-    cfg = EvalConfig(ctx=ctx, method=method, stride=stride, data=data, max_tokens=max_tokens, greedy_tokens=greedy_tokens)
-    result = run_eval(model, cfg, reference=reference, backend=backend, device=device, dtype=dtype, tokenizer=tokenizer)
+    cfg = EvalConfig(ctx=ctx, method=method, stride=stride, data=data, max_tokens=max_tokens, greedy_tokens=greedy_tokens,
+                     batch_size=batch_size)
+    result = run_eval(model, cfg, reference=reference, backend=backend, device=device, dtype=dtype, tokenizer=tokenizer,
+                      streamed=streamed)
     _emit(Report([result]), json_out, f"qwen-quant eval: {model}")
 
 
@@ -94,6 +98,10 @@ def info(
     path, cfg, _ = check_model(model)
     mi = model_info(cfg, path)
     d = {**dataclasses.asdict(mi), "gqa": mi.gqa, "quirks": mi.quirks(), "path": str(path)}
+    if (path / "conversion-report.json").is_file():  # converted from Qwen v1: its context limit is part of the model
+        from qwen_quant.convert.v1_report import context_limit_line
+
+        d["context_limit"] = context_limit_line(json.loads((path / "conversion-report.json").read_text()))
     if json_out:
         typer.echo(json.dumps(d, indent=2))
         return
@@ -269,12 +277,18 @@ def check(
     max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Largest allowed artifact/reference perplexity ratio."),
     max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Largest allowed mean KL divergence from the reference."),
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Smallest allowed top-1 agreement with the reference (0..1)."),
+    max_kl_increase: Optional[str] = typer.Option(None, "--max-kl-increase", help="Allowed mean-KL growth over the baseline, e.g. 50% (the default)."),
+    kl_floor: Optional[float] = typer.Option(None, "--kl-floor", help="KL growth below this absolute amount never fails (default 0.001)."),
+    max_top1_drop: Optional[float] = typer.Option(None, "--max-top1-drop", help="Allowed top-1 agreement drop below the baseline, in points (default 0.5)."),
     update_baseline: bool = typer.Option(False, "--update-baseline", help="Write REPORT over the --baseline file instead of checking."),
 ) -> None:
     """CI gate: exit 1 if any artifact/backend regressed against the baseline or the limits, 0 otherwise.
 
-    Limits come from the recipe (thresholds, carried in the report) unless given here. Exit 2 on
-    unusable input: missing or invalid files, or a baseline measured on other data.
+    Limits come from the recipe (thresholds, carried in the report) unless given here, on top of
+    defaults (docs/gate.md): with a baseline, perplexity +1%, mean KL +50% (growth under 0.001 never
+    fails) and top-1 -0.5 points; without one, absolute limits per artifact class. A failed metadata
+    check (tokenizer, special ids, chat template, rope/eps/context) fails too. Exit 2 on unusable
+    input: missing or invalid files, a baseline measured on other data, or nothing to check.
 
     Example: qwen-quant check out/report.json --baseline ci/baseline.json --max-ppl-increase 1%
     """
@@ -284,6 +298,12 @@ def check(
     limits = {k: v for k, v in (("max_ppl_ratio", max_ppl_ratio), ("max_kl", max_kl), ("min_top1", min_top1)) if v is not None}
     if max_ppl_increase is not None:
         limits["max_ppl_increase"] = parse_fraction(max_ppl_increase, "--max-ppl-increase")
+    if max_kl_increase is not None:
+        limits["max_kl_increase"] = parse_fraction(max_kl_increase, "--max-kl-increase")
+    if kl_floor is not None:
+        limits["kl_floor"] = kl_floor
+    if max_top1_drop is not None:
+        limits["max_top1_drop"] = max_top1_drop / 100  # points -> fraction
     code = run_check(CheckConfig(report=str(report), baseline=None if baseline is None else str(baseline),
                                  thresholds=limits, update_baseline=update_baseline), echo=typer.echo)
     raise typer.Exit(code)
@@ -317,8 +337,9 @@ def convert(
         return
     if json_out is not None:
         json_out.write_text(json.dumps({"output": str(out), **report}, indent=2, ensure_ascii=False) + "\n")
-    log(f"wrote {out} ({report['tensors_written']} tensors, {report['dtype']}); identical to v1 up to "
-        f"{report['identical_up_to_tokens']} tokens of context, see {out / REPORT_FILE}")
+    from qwen_quant.convert.v1_report import context_limit_line
+
+    log(f"wrote {out} ({report['tensors_written']} tensors, {report['dtype']}); {context_limit_line(report)}")
 
 
 @export_app.command("gguf")

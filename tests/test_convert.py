@@ -43,39 +43,40 @@ def _ranks() -> dict[bytes, int]:
     return {bytes(dec[c] for c in s): i for s, i in vocab.items() if i < N_RANKS}
 
 
-def _v1_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+def _v1_weights(seed: int = 0, h: int = H, layers: int = LAYERS, ff: int = FF, vocab: int = VOCAB) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
 
     def lin(o, i):
         return torch.randn(o, i, generator=g) / math.sqrt(i)
 
     def norm():
-        return 1 + 0.1 * torch.randn(H, generator=g)
+        return 1 + 0.1 * torch.randn(h, generator=g)
 
-    w = {"transformer.wte.weight": torch.randn(VOCAB, H, generator=g), "transformer.ln_f.weight": norm(),
-         "lm_head.weight": lin(VOCAB, H)}
-    for i in range(LAYERS):
+    w = {"transformer.wte.weight": torch.randn(vocab, h, generator=g), "transformer.ln_f.weight": norm(),
+         "lm_head.weight": lin(vocab, h)}
+    for i in range(layers):
         p = f"transformer.h.{i}."
         w |= {p + "ln_1.weight": norm(), p + "ln_2.weight": norm(),
-              p + "attn.c_attn.weight": lin(3 * H, H), p + "attn.c_attn.bias": 0.2 * torch.randn(3 * H, generator=g),
-              p + "attn.c_proj.weight": lin(H, H), p + "mlp.w1.weight": lin(FF, H), p + "mlp.w2.weight": lin(FF, H),
-              p + "mlp.c_proj.weight": lin(H, FF)}
+              p + "attn.c_attn.weight": lin(3 * h, h), p + "attn.c_attn.bias": 0.2 * torch.randn(3 * h, generator=g),
+              p + "attn.c_proj.weight": lin(h, h), p + "mlp.w1.weight": lin(ff, h), p + "mlp.w2.weight": lin(ff, h),
+              p + "mlp.c_proj.weight": lin(h, ff)}
     return w
 
 
-def _v1_config() -> dict:
+def _v1_config(**changes) -> dict:
     return {"architectures": ["QWenLMHeadModel"], "auto_map": {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
             "model_type": "qwen", "hidden_size": H, "num_attention_heads": HEADS, "num_hidden_layers": LAYERS,
             "intermediate_size": 2 * FF, "kv_channels": H // HEADS, "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000,
             "rotary_pct": 1.0, "seq_length": SEQ, "max_position_embeddings": SEQ, "vocab_size": VOCAB, "no_bias": True,
             "use_dynamic_ntk": True, "use_logn_attn": True, "tie_word_embeddings": False, "bf16": False, "fp16": False,
             "fp32": False, "attn_dropout_prob": 0.0, "emb_dropout_prob": 0.0, "initializer_range": 0.02,
-            "scale_attn_weights": True, "use_flash_attn": "auto", "tokenizer_class": "QWenTokenizer"}
+            "scale_attn_weights": True, "use_flash_attn": "auto", "tokenizer_class": "QWenTokenizer"} | changes
 
 
-def _make_v1(folder: Path, weights: dict[str, torch.Tensor], ranks: dict[bytes, int], fmt: str = "safetensors") -> Path:
+def _make_v1(folder: Path, weights: dict[str, torch.Tensor], ranks: dict[bytes, int], fmt: str = "safetensors",
+             config: dict | None = None) -> Path:
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(_v1_config()))
+    (folder / "config.json").write_text(json.dumps(config or _v1_config()))
     (folder / "generation_config.json").write_text(json.dumps(
         {"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643, "max_window_size": 6144,
          "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.8, "repetition_penalty": 1.1}))
@@ -90,15 +91,25 @@ def _make_v1(folder: Path, weights: dict[str, torch.Tensor], ranks: dict[bytes, 
     return folder
 
 
-def v1_reference_logits(w: dict[str, torch.Tensor], ids: torch.Tensor, dynamic: bool = True) -> torch.Tensor:
-    """Qwen v1 forward in fp32, from the architecture description (not from the converter)."""
-    T, hd = ids.shape[1], H // HEADS
+def v1_reference_logits(w: dict[str, torch.Tensor], ids: torch.Tensor, dynamic: bool = True, *, ntk: bool | None = None,
+                        logn: bool | None = None, heads: int = HEADS, seq: int = SEQ, base: float = 10000.0) -> torch.Tensor:
+    """Qwen v1 forward in fp32, from the architecture description (not from the converter).
+
+    One forward over the whole of ``ids``, as v1 runs a prompt: dynamic NTK picks ntk_alpha from the
+    whole length T (so it rotates every position differently once T > seq) and logN scales the
+    queries of positions after ``seq``. ``ntk``/``logn`` switch each off alone (``dynamic`` sets
+    both); ntk=False, logn=True is what v1 computes while decoding with a KV cache from a prompt of at
+    most ``seq`` tokens (it keeps the prefill's ntk_alpha, 1, for every later step).
+    """
+    ntk, logn = dynamic if ntk is None else ntk, dynamic if logn is None else logn
+    T, h = ids.shape[1], w["transformer.wte.weight"].shape[1]
+    hd, layers = h // heads, sum(k.endswith(".ln_1.weight") for k in w)
 
     def rms(x, wt):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * wt
 
-    alpha = max(2 ** math.ceil(math.log(T / SEQ, 2) + 1) - 1, 1) if dynamic else 1
-    base = 10000 * alpha ** (hd / (hd - 2))
+    alpha = max(2 ** math.ceil(math.log(T / seq, 2) + 1) - 1, 1) if ntk else 1
+    base = base * alpha ** (hd / (hd - 2))
     inv = 1.0 / base ** (torch.arange(0, hd, 2).float() / hd)
     emb = torch.cat([torch.outer(torch.arange(T).float(), inv)] * 2, -1)[None, :, None, :]
     cos, sin = emb.cos(), emb.sin()
@@ -107,23 +118,23 @@ def v1_reference_logits(w: dict[str, torch.Tensor], ids: torch.Tensor, dynamic: 
         x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
-    logn = torch.tensor([math.log(i, SEQ) if i > SEQ else 1.0 for i in range(1, T + 1)])[None, :, None, None]
+    logn_t = torch.tensor([math.log(i, seq) if i > seq else 1.0 for i in range(1, T + 1)])[None, :, None, None]
     x = w["transformer.wte.weight"][ids]
     mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"transformer.h.{i}."
-        h = rms(x, w[p + "ln_1.weight"])
-        qkv = h @ w[p + "attn.c_attn.weight"].T + w[p + "attn.c_attn.bias"]
-        q, k, v = (t.reshape(*t.shape[:2], HEADS, hd) for t in qkv.split(H, -1))
+        y = rms(x, w[p + "ln_1.weight"])
+        qkv = y @ w[p + "attn.c_attn.weight"].T + w[p + "attn.c_attn.bias"]
+        q, k, v = (t.reshape(*t.shape[:2], heads, hd) for t in qkv.split(h, -1))
         q, k = rope(q), rope(k)
-        if dynamic and T > SEQ:
-            q = q * logn
+        if logn and T > seq:
+            q = q * logn_t
         att = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) / math.sqrt(hd)
         att = att.masked_fill(~mask, float("-inf")).softmax(-1)
         ctx = (att @ v.transpose(1, 2)).transpose(1, 2).reshape(*x.shape)
         x = x + ctx @ w[p + "attn.c_proj.weight"].T
-        h = rms(x, w[p + "ln_2.weight"])
-        a1, a2 = h @ w[p + "mlp.w1.weight"].T, h @ w[p + "mlp.w2.weight"].T
+        y = rms(x, w[p + "ln_2.weight"])
+        a1, a2 = y @ w[p + "mlp.w1.weight"].T, y @ w[p + "mlp.w2.weight"].T
         x = x + (a1 * F.silu(a2)) @ w[p + "mlp.c_proj.weight"].T
     return rms(x, w["transformer.ln_f.weight"]) @ w["lm_head.weight"].T
 

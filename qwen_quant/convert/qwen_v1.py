@@ -7,7 +7,12 @@ rotary with base ``rotary_emb_base`` over the whole head, RMSNorm, SwiGLU with
 inference-time tricks have no qwen2 equivalent: dynamic NTK rope scaling and logN attention
 scaling. Both switch on only when the context exceeds ``seq_length`` (ntk_alpha is 1 and the logN
 factor is 1 up to there), so the converted model computes exactly what v1 computes for contexts of
-at most ``seq_length`` tokens; conversion-report.json says so.
+at most ``seq_length`` tokens; conversion-report.json says so, and what v1 does past it
+(v1_report.py: why transformers' rope options cannot express it, and the measured effect).
+
+Launch-era folders (Qwen-7B/-Chat as first published, August 2023) spell the sizes ``n_embd``,
+``n_head``, ``n_layer``, ``ffn_hidden_size``, ``n_positions``, ``padded_vocab_size``; they are
+renamed to the later names first, so both give the same checkpoint (the report lists the renames).
 
 Weights are copied bit for bit in their stored dtype, one source shard at a time, into output
 shards of at most ``max_shard_bytes``; everything is written to a temp folder next to the output
@@ -27,6 +32,7 @@ from typing import Iterator
 import torch
 
 from qwen_quant.convert import tiktoken_tok
+from qwen_quant.convert.v1_report import conversion_report
 from qwen_quant.errors import QuantError
 from qwen_quant.progress import progress
 
@@ -58,27 +64,68 @@ def is_qwen_v1(model_dir: Path) -> bool:
         return False
 
 
-def _check_source(model_dir: Path) -> dict:
+# The August 2023 launch of Qwen-7B/-Chat shipped a config.json with Megatron/GPT-2 spellings; the
+# September 2023 re-release renamed them. Same meaning and values (its configuration_qwen.py mapped
+# hidden_size -> n_embd etc. through attribute_map), so a launch-era folder converts to the same checkpoint.
+LAUNCH_ERA_KEYS = {"n_embd": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
+                   "ffn_hidden_size": "intermediate_size", "n_positions": "max_position_embeddings",
+                   "padded_vocab_size": "vocab_size"}
+_REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+
+
+def normalize_config(cfg: dict, where: Path) -> tuple[dict, dict[str, str]]:
+    """Launch-era key names -> the later ones; returns (config, {old: new} for the keys renamed)."""
+    out, renamed = dict(cfg), {}
+    for old, new in LAUNCH_ERA_KEYS.items():
+        if old not in cfg:
+            continue
+        if new in cfg and cfg[new] != cfg[old]:
+            raise QuantError(f"{where}/config.json has {old}={cfg[old]} and {new}={cfg[new]}, which disagree; keep the one that "
+                             "matches the weights (the embedding's shape) and delete the other")
+        out[new] = out.pop(old)
+        renamed[old] = new
+    for key in _REQUIRED:
+        if not isinstance(out.get(key), int):
+            old = next((o for o, n in LAUNCH_ERA_KEYS.items() if n == key), None)
+            also = f" (or its launch-era name {old!r})" if old else ""
+            raise QuantError(f"{where}/config.json has no integer {key!r}{also}; copy config.json from the original Qwen v1 release")
+    return out, renamed
+
+
+def seq_length(cfg: dict) -> int:
+    """v1's ``seq_length``: the context it was trained for, where dynamic NTK and logN switch on."""
+    return int(cfg.get("seq_length") or cfg.get("max_position_embeddings") or 8192)
+
+
+def _check_source(model_dir: Path) -> tuple[dict, dict[str, str]]:
     """Refuse everything that is not a plain full-precision Qwen v1 LM we can map exactly."""
     if not model_dir.is_dir():
         raise QuantError(f"{model_dir} is not a folder; pass a Qwen v1 checkpoint folder (config.json, qwen.tiktoken, weights)")
     if not is_qwen_v1(model_dir):
         raise QuantError(f"{model_dir} is not a Qwen v1 (QWenLMHeadModel) checkpoint; `qwen-quant convert` only takes Qwen-7B/14B/72B-style "
                          "v1 folders, qwen2 checkpoints need no conversion")
-    cfg = json.loads((model_dir / "config.json").read_text())
+    raw = json.loads((model_dir / "config.json").read_text())
     for key, what in (("visual", "Qwen-VL"), ("audio", "Qwen-Audio"), ("quantization_config", "an already quantized")):
-        if key in cfg:
+        if key in raw:
             raise QuantError(f"{model_dir} is {what} checkpoint ({key!r} in config.json); convert the full-precision text-only Qwen v1 model instead")
+    cfg, renamed = normalize_config(raw, model_dir)
+    where = f"{model_dir}/config.json"
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     if cfg.get("kv_channels", h // heads) * heads != h or h % heads:
-        raise QuantError(f"kv_channels*num_attention_heads != hidden_size in {model_dir}/config.json; qwen2 needs head_dim = hidden/heads")
+        raise QuantError(f"kv_channels*num_attention_heads != hidden_size in {where}; qwen2 needs head_dim = hidden/heads")
     if float(cfg.get("rotary_pct", 1.0)) != 1.0:
-        raise QuantError(f"rotary_pct={cfg['rotary_pct']} in {model_dir}/config.json: partial rotary has no qwen2 equivalent")
+        raise QuantError(f"rotary_pct={cfg['rotary_pct']} in {where}: partial rotary has no qwen2 equivalent")
+    for key, want, why in (("no_bias", True, "biases on c_proj and the MLP"), ("scale_attn_weights", True, "unscaled attention scores"),
+                           ("apply_residual_connection_post_layernorm", False, "a residual taken after the norm"),
+                           ("pos_emb", "rotary", "a position embedding other than rotary")):
+        if key in cfg and cfg[key] != want:
+            raise QuantError(f"{key}={cfg[key]!r} in {where} means {why}, which qwen2 cannot hold; only plain Qwen v1 models "
+                             f"({key}={want!r}) can be converted")
     if cfg["intermediate_size"] % 2:
-        raise QuantError(f"odd intermediate_size in {model_dir}/config.json; v1 splits it in two halves (w1, w2)")
+        raise QuantError(f"odd intermediate_size in {where}; v1 splits it in two halves (w1, w2)")
     if not (model_dir / tiktoken_tok.TIKTOKEN_FILE).is_file():
         raise QuantError(f"{model_dir} has no {tiktoken_tok.TIKTOKEN_FILE}; copy the tokenizer file of the original Qwen v1 release next to config.json")
-    return cfg
+    return cfg, renamed
 
 
 def _weight_files(model_dir: Path, allow_pickle: bool) -> list[Path]:
@@ -145,7 +192,7 @@ def map_tensor(name: str, t: torch.Tensor, hidden: int) -> list[tuple[str, torch
 def _qwen2_config(cfg: dict, dtype: torch.dtype, eod_id: int) -> dict:
     from transformers import Qwen2Config
 
-    seq = int(cfg.get("seq_length") or cfg.get("max_position_embeddings") or 8192)
+    seq = seq_length(cfg)
     q2 = Qwen2Config(
         vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"] // 2,
         num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
@@ -231,33 +278,10 @@ def _expected_names(cfg: dict) -> set[str]:
     return names | {f"model.layers.{i}.{n}" for i in range(cfg["num_hidden_layers"]) for n in per}
 
 
-def _report(cfg: dict, src: Path, files: list[Path], dtype: torch.dtype, n: int, tok: dict, chat: bool, dropped: list[str]) -> dict:
-    seq = int(cfg.get("seq_length") or cfg.get("max_position_embeddings") or 8192)
-    feats = []
-    if cfg.get("use_dynamic_ntk"):
-        feats.append({"name": "use_dynamic_ntk", "value": True, "acts_beyond_tokens": seq,
-                      "effect": "v1 raises the rope base (ntk_alpha>1) once the context exceeds seq_length; qwen2 keeps rope_theta fixed"})
-    if cfg.get("use_logn_attn"):
-        feats.append({"name": "use_logn_attn", "value": True, "acts_beyond_tokens": seq,
-                      "effect": "v1 scales queries by log_seq_length(position) past seq_length; qwen2 does not"})
-    return {
-        "source": str(src), "source_architecture": "QWenLMHeadModel", "target_architecture": "Qwen2ForCausalLM",
-        "weight_files": [p.name for p in files], "tensors_written": n, "dtype": str(dtype).removeprefix("torch."),
-        "features_not_represented": feats,
-        "identical_up_to_tokens": seq,
-        "identical_note": ("outputs match v1 for contexts of at most seq_length tokens; beyond it v1's "
-                           + " and ".join(f["name"] for f in feats) + " change its outputs") if feats else
-                          "no context-dependent v1 features are enabled; outputs match v1 at every length up to max_position_embeddings",
-        "chat_format": "chatml" if chat else "raw",
-        "generation_config_fields_dropped": dropped,
-        "tokenizer": tok,
-    }
-
-
 def convert_qwen_v1(cfg: ConvertConfig) -> Path:
     """Convert ``cfg.model`` (Qwen v1) into a qwen2 checkpoint folder at ``cfg.output``; returns the output path."""
     src, out = Path(cfg.model), Path(cfg.output)
-    v1 = _check_source(src)
+    v1, renamed = _check_source(src)
     if out.exists() and not cfg.force:
         raise QuantError(f"{out} already exists; pass --force to replace it or choose another -o")
     if out.resolve() == src.resolve():
@@ -275,13 +299,13 @@ def convert_qwen_v1(cfg: ConvertConfig) -> Path:
         missing = _expected_names(v1) - _written_names(tmp)
         if missing:
             raise QuantError(f"{len(missing)} tensors missing from {src} (e.g. {sorted(missing)[0]}); the checkpoint is incomplete")
-        seq = int(v1.get("seq_length") or 8192)
+        seq = seq_length(v1)
         (tmp / "config.json").write_text(json.dumps(_qwen2_config(v1, dtype, specials[tiktoken_tok.ENDOFTEXT]), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         tok = tiktoken_tok.write_tokenizer(src, tmp, chat=chat, model_max_length=seq)
         for extra in sorted(src.glob("LICENSE*")) + sorted(src.glob("NOTICE*")):
             shutil.copy2(extra, tmp / extra.name)
-        report = _report(v1, src, files, dtype, n, tok, chat, dropped)
+        report = conversion_report(v1, seq, src, files, str(dtype).removeprefix("torch."), n, tok, chat, dropped, renamed)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
