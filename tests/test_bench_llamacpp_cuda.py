@@ -1,0 +1,76 @@
+"""bench/llamacpp_cuda.py: the parity check catches the Qwen2-on-CUDA failure; the CPU smoke runs end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("llamacpp_cuda_bench", ROOT / "bench" / "llamacpp_cuda.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _metrics(test_logits, ref_logits, targets, prefix_mean=32.0) -> dict:
+    from qwen_quant.validate.metrics import Accumulator
+
+    acc = Accumulator()
+    acc.add(test_logits, targets, ref_logits)
+    return {**acc.result(), "greedy_prefix_mean": prefix_mean}
+
+
+def test_parity_check_passes_close_runtimes_and_fails_gggg_and_nan():
+    bench = _bench()
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(64, 1000, generator=g) * 4
+    targets = torch.randint(0, 1000, (64,), generator=g)
+    close = ref + 0.01 * torch.randn(64, 1000, generator=g)  # what two healthy runtimes differ by
+    assert bench.check_parity(_metrics(close, ref, targets)) == []
+
+    gggg = torch.zeros(64, 1000)
+    gggg[:, 38] = 30.0  # one token always wins: "GGGG"
+    why = bench.check_parity(_metrics(gggg, ref, targets, prefix_mean=0.0))
+    assert any("top-1" in w for w in why) and any("KL" in w for w in why) and any("greedy" in w for w in why)
+
+    nan = ref.clone()
+    nan[5] = float("nan")  # fp16 overflow -> inf -> NaN logits at some positions
+    assert "non-finite" in bench.check_parity(_metrics(nan, ref, targets))[0]
+
+
+def test_garbage_wrapper_is_the_gggg_failure():
+    bench = _bench()
+
+    class Tiny:
+        vocab_size = 100
+
+    g = bench.Garbage(Tiny(), token=38)
+    out = g.logits(np.zeros((2, 5), dtype=np.int64))
+    assert out.shape == (2, 5, 100) and (out.argmax(-1) == 38).all()
+    assert g.greedy_batch([[1, 2], [3]], 4) == [[38] * 4, [38] * 4]
+
+
+@pytest.mark.slow
+def test_smoke_runs_and_injected_garbage_exits_1(tmp_path):
+    """The eval half of the GPU bench on the CPU wheel: a tiny random GGUF, both rows, the report; then
+    the same run with the CUDA row replaced by 'GGGG' output must fail (exit 1)."""
+    bench = _bench()
+    out = tmp_path / "smoke.json"
+    assert bench.main(["smoke", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    rows = {r["extra"]["row"]: r for r in rep["results"]}
+    assert set(rows) == {"cpu-as-test", "cpu"} and rep["extra"]["parity_ok"] is True
+    assert rows["cpu-as-test"]["metrics"]["top1_agreement"] == 1.0
+    assert rows["cpu"]["extra"]["prompt_tokens_per_s"] > 0
+    assert bench.main(["smoke", "--inject-garbage", "--json", str(out)]) == 1
+    assert json.loads(out.read_text())["extra"]["parity_ok"] is False
