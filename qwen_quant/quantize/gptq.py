@@ -162,7 +162,8 @@ def split_rows(r: QuantResult, sizes: list[int]) -> list[QuantResult]:
     num, den = r.row_stats
     for n in sizes:
         sl = slice(start, start + n)
-        part = QuantResult(r.codes[sl], r.scales[sl], r.zeros[sl], r.g_idx, r.grid)
+        # own copies: checkpoint writers refuse tensors that share storage (e.g. one g_idx for q/k/v)
+        part = QuantResult(r.codes[sl].clone(), r.scales[sl].clone(), r.zeros[sl].clone(), r.g_idx.clone(), r.grid)
         part.error = float(num[sl].sum() / den[sl].sum().clamp_min(1e-20))
         out.append(part)
         start += n

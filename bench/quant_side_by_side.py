@@ -1,0 +1,339 @@
+"""Benchmark: qwen-quant vs llm-compressor 0.14, GPTQ and AWQ, same shape and calibration ids, one call.
+
+A few decoder layers of a real Qwen shape are built with random fp16 weights (speed and memory do not
+depend on the values; quality is measured on trained fixtures elsewhere), one set of calibration
+token ids is drawn from the shipped data, and each tool quantizes the same checkpoint from the same
+ids in its own subprocess, so imports never mix (llm-compressor pins transformers <= 5.17 and
+compressed-tensors 0.19: it runs with ``--peer-path`` first on PYTHONPATH) and each peak is its own.
+
+Per tool and method: wall seconds of the quantization call (ours: `quantize_model`, including the
+checkpoint write; theirs: `oneshot`, no save), seconds per layer (that wall time / layers built, so
+both carry their warm-up and fixed costs such as embeddings), steady seconds per layer (ours: the
+mean layer time after the first; theirs: the mean interval between successive layers' compression
+events, timed by wrapping ``LifecycleCallbacks.sequential_epoch_end``), peak GPU memory (``torch.cuda.max_memory_allocated``), and the full-depth
+extrapolation. Ours also reports per-layer phases (load, quantize, forward, pack, to_host). On CUDA a
+solve check compares our Triton column kernel with the eager loop on one 4096 x 4096 matrix.
+
+    # GPU (see docs/benchmarks.md for the exact device command)
+    python bench/quant_side_by_side.py --shape qwen1.5-7b --layers 3 --nsamples 128 --seqlen 2048 \\
+        --large 512x2048 --peer-path /tmp/peer --out bench/results/side-by-side-qwen1.5-7b.json
+    # CPU, about a minute: tiny shape, both tools, both methods
+    python bench/quant_side_by_side.py --smoke --peer-path /tmp/i14-peer
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # name: (hidden, intermediate, heads, kv_heads, vocab, full depth)
+    "qwen1.5-7b": (4096, 11008, 32, 32, 151936, 32),
+    "qwen2-72b": (8192, 29568, 64, 8, 152064, 80),
+    "tiny": (256, 768, 4, 2, 151936, 24),
+}
+
+
+def _peak(torch) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
+# -- build (our side) ---------------------------------------------------------------------------
+def build(shape: str, layers: int, out: Path, device: str) -> Path:
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwen_quant.calib import default_tokenizer_dir
+
+    h, inter, heads, kv, vocab, _ = SHAPES[shape]
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
+                      rope_theta=1e6, tie_word_embeddings=False, dtype="float16")
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(cfg)
+    g = torch.Generator(device=device).manual_seed(0)
+    sd = {}
+    for k, v in model.state_dict().items():
+        t = torch.randn(v.shape, device=device, generator=g, dtype=torch.float32) * (0.02 if v.dim() == 2 else 0.01)
+        sd[k] = (torch.ones_like(t) if k.endswith("norm.weight") else t).half().cpu()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(str(out))
+    tok = default_tokenizer_dir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt"):
+        if (tok / f).exists():
+            shutil.copy(tok / f, out / f)
+    return out
+
+
+# -- the two sides (each in its own subprocess) --------------------------------------------------
+def peer_side(method: str, model_dir: str, calib: str, device: str) -> dict:
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform import AWQModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    patches = []
+    if not torch.accelerator.is_available():  # see bench/peer_llmcompressor.py: pinning needs an accelerator
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None
+        patches.append("IntermediatesCache.pin_memory -> no-op (CPU-only torch)")
+    ids = np.load(calib)
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist()})
+    if method == "gptq":
+        recipe = [GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], dampening_frac=0.01,
+                               actorder=None, block_size=128)]
+    else:
+        recipe = [AWQModifier(duo_scaling=True, n_grid=20),
+                  QuantizationModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"])]
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    # a timestamp at each subgraph's compression (one subgraph per decoder layer, then the tail):
+    # the intervals between them are llm-compressor's steady per-layer time, without fixed costs
+    from llmcompressor.core import LifecycleCallbacks
+
+    marks, epoch_end = [], LifecycleCallbacks.sequential_epoch_end
+
+    def mark(*args, **kwargs):
+        out = epoch_end(*args, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+        return out
+
+    LifecycleCallbacks.sequential_epoch_end = mark
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    oneshot(model=model, processor=tok, dataset=ds, recipe=recipe, num_calibration_samples=len(ids),
+            max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    import llmcompressor
+
+    gaps = [round(b - a, 3) for a, b in zip(marks, marks[1:])]
+    layers = model.config.num_hidden_layers
+    return {"seconds": round(seconds, 2), "peak_gpu_gib": _peak(torch), "recipe": [repr(m) for m in recipe],
+            "epoch_end_intervals_s": gaps,
+            # intervals between layer subgraphs (the first layer's interval starts after its own epoch end)
+            "steady_seconds_per_layer": round(sum(gaps[:layers - 1]) / max(1, len(gaps[:layers - 1])), 3) if gaps else None,
+            "patches": patches, "version": llmcompressor.__version__, "dtype": str(dtype),
+            "note": "oneshot wall time (sequential pipeline; model on the CPU, each layer onloaded); no save"}
+
+
+def solve_check() -> dict:
+    """Triton column kernel vs the eager loop on one random 4096 x 4096 solve (CUDA only)."""
+    import torch
+
+    from qwen_quant.quantize import gptq_triton
+    from qwen_quant.quantize.gptq import Hessian, gptq_quantize
+    from qwen_quant.quantize.grid import Grid
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    W = torch.randn(4096, 4096, device="cuda", generator=g) * 0.02
+    h = Hessian(4096, "cuda")
+    h.add(torch.randn(8192, 4096, device="cuda", generator=g).half())
+    out = {"triton_available": gptq_triton.HAVE_TRITON}
+    for name, env in (("eager", "1"), ("triton", "0")):
+        os.environ["QWEN_QUANT_NO_TRITON"] = env
+        gptq_quantize(W, h.H, Grid(4, 128, True))  # warm-up (and kernel build)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r = gptq_quantize(W, h.H, Grid(4, 128, True))
+        torch.cuda.synchronize()
+        out[f"{name}_seconds"] = round(time.perf_counter() - t0, 4)
+        out[f"{name}_codes"] = r.codes
+        out[f"{name}_error"] = r.error
+    os.environ.pop("QWEN_QUANT_NO_TRITON")
+    out["triton_used"] = gptq_triton._STATE["ok"] is True
+    out["codes_equal_fraction"] = float((out.pop("eager_codes") == out.pop("triton_codes")).float().mean())
+    return out
+
+
+def ours_side(method: str, model_dir: str, calib: str, device: str) -> dict:
+    import numpy as np
+    import torch
+
+    from qwen_quant.calib import CalibConfig
+    from qwen_quant.progress import set_quiet
+    from qwen_quant.quantize import QuantConfig, quantize_model
+    from qwen_quant.quantize.awq import quantize_awq
+
+    set_quiet(True)
+    check = solve_check() if device == "cuda" else None
+    ids = np.load(calib)
+    CalibConfig.samples = lambda self, tokenizer: torch.from_numpy(ids)  # the exact ids the peer got
+    n, seqlen = ids.shape
+    cfg = QuantConfig(model=model_dir, output=str(Path(model_dir).parent / f"ours-{method}-{n}x{seqlen}"),
+                      method=method, bits=4, group_size=128, sym=method == "gptq", damp=0.01,
+                      format="gptq" if method == "gptq" else "awq", device=device, validate=False, force=True,
+                      calib=CalibConfig(nsamples=n, seqlen=seqlen), options={"phases": True})
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    _, report = (quantize_awq if method == "awq" else quantize_model)(cfg)
+    seconds = time.perf_counter() - t0
+    s = report.extra["quantize"]
+    import shutil
+
+    shutil.rmtree(cfg.output, ignore_errors=True)  # disk: a 72B-shaped output is several GB
+    steady = [p["seconds"] for p in s["layers"][1:]] or [p["seconds"] for p in s["layers"]]
+    return {"seconds": round(seconds, 2), "peak_gpu_gib": _peak(torch), "seconds_internal": s["seconds"],
+            "steady_seconds_per_layer": round(sum(steady) / len(steady), 3),
+            "finish_seconds": s.get("finish_seconds"), "layers": s["layers"], "solve_check": check,
+            "config": {"sym": cfg.sym, "format": cfg.format, "true_sequential": cfg.true_sequential,
+                       "clip": method == "awq", "batch_size": cfg.batch_size},
+            "note": "quantize_model wall time: load, capture, solve, pack and the checkpoint write"}
+
+
+# -- orchestration --------------------------------------------------------------------------------
+def run_side(tool: str, method: str, model: Path, calib: Path, a, log: Path) -> dict:
+    res = calib.with_name(f"{tool}-{method}-{calib.stem}.result.json")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", tool, "--method", method, "--model", str(model),
+           "--calib", str(calib), "--result", str(res), "--device", a.device]
+    env = dict(os.environ)
+    if a.device == "cpu":
+        env["OMP_NUM_THREADS"] = "1"  # a shared CPU: OpenMP barriers under oversubscription swing times tenfold
+    if tool == "peer":
+        env["PYTHONPATH"] = a.peer_path  # only the peer's packages (+ the image's torch/transformers)
+    else:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(ROOT)) if p)
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        try:
+            p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), timeout=a.side_timeout)
+            rc = p.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    if rc != 0:
+        return {"error": f"exit {rc}", "log_tail": log.read_text()[-2500:]}
+    r = json.loads(res.read_text())
+    r["process_wall_s"] = round(time.perf_counter() - t0, 2)
+    return r
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--side", choices=("ours", "peer"), help=argparse.SUPPRESS)
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--calib", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", default="qwen1.5-7b", choices=SHAPES)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--methods", default="gptq,awq")
+    ap.add_argument("--large", default="", help="NxSEQ: also run ours at this calibration size (e.g. 512x2048)")
+    ap.add_argument("--large-methods", default="gptq")
+    ap.add_argument("--peer-path", default=os.environ.get("PEER_PATH", "/tmp/peer"),
+                    help="PYTHONPATH holding llm-compressor 0.14 and its pins (pip install --target)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, 2 layers, 8 x 128 (about a minute)")
+    ap.add_argument("--side-timeout", type=int, default=540)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+
+    if a.side:
+        import torch
+
+        torch.manual_seed(0)
+        r = (peer_side if a.side == "peer" else ours_side)(a.method, a.model, a.calib, a.device)
+        Path(a.result).write_text(json.dumps(r, indent=2))
+        return 0
+
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+    import torch
+
+    if a.smoke:
+        a.shape, a.layers, a.nsamples, a.seqlen, a.large = "tiny", 2, 8, 128, a.large or "16x128"
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from qwen_quant.calib import calibration_samples
+    from qwen_quant.models import load_tokenizer
+
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="side-by-side-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "subprocess.log"
+    out = Path(a.out or ROOT / "bench" / "results" / f"side-by-side-{a.shape}{'-smoke' if a.smoke else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model = build(a.shape, a.layers, work / a.shape, a.device)
+    build_s = round(time.perf_counter() - t0, 1)
+    tok = load_tokenizer(model)  # the built checkpoint carries the Qwen2 tokenizer files
+    sizes = [(a.nsamples, a.seqlen)]
+    if a.large:
+        sizes.append(tuple(int(v) for v in a.large.lower().split("x")))
+    calibs = {}
+    for n, seq in sizes:
+        ids = calibration_samples(tok, nsamples=n, seqlen=seq, seed=0).numpy().astype(np.int64)
+        calibs[(n, seq)] = work / f"calib-{n}x{seq}.npy"
+        np.save(calibs[(n, seq)], ids)
+    h, inter, heads, kv, vocab, depth = SHAPES[a.shape]
+    res = {"shape": a.shape, "hidden": h, "intermediate": inter, "heads": heads, "kv_heads": kv,
+           "layers_built": a.layers, "full_depth": depth, "device": a.device,
+           "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None, "torch": torch.__version__,
+           "build_seconds": build_s, "grid": "int4, group 128 (GPTQ sym, AWQ asym)",
+           "calibration": {f"{n}x{s}": hashlib.sha256(np.load(p).tobytes()).hexdigest() for (n, s), p in calibs.items()},
+           "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
+           "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": []}
+    plan = [(tool, m, sizes[0]) for m in a.methods.split(",") if m for tool in ("peer", "ours")]
+    plan += [("ours", m, sizes[1]) for m in a.large_methods.split(",") if m and len(sizes) > 1]
+    for tool, method, (n, seq) in plan:
+        print(f"[{a.shape}] {tool} {method} {n}x{seq} ...", flush=True)
+        r = run_side(tool, method, model, calibs[(n, seq)], a, log)
+        r.update({"tool": "llm-compressor" if tool == "peer" else "qwen-quant", "method": method,
+                  "nsamples": n, "seqlen": seq})
+        if "seconds" in r:
+            r["seconds_per_layer"] = round(r["seconds"] / a.layers, 3)
+            r["extrapolated_full_model_minutes"] = round(r["seconds_per_layer"] * depth / 60, 1)
+            print(f"  {r['seconds_per_layer']} s/layer, peak GPU {r.get('peak_gpu_gib')} GiB", flush=True)
+        else:
+            print(f"  FAILED: {r['error']}", flush=True)
+        res["runs"].append(r)
+        _ratios(res)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        os.replace(tmp, out)  # partial results survive a later failure or timeout
+    print(json.dumps(res["ratios"], indent=2))
+    print(f"wrote {out}")
+    return 0 if all("seconds" in r for r in res["runs"]) else 1
+
+
+def _ratios(res: dict) -> None:
+    """ours / llm-compressor seconds per layer, per method at the shared calibration size."""
+    res["ratios"] = {}
+    for m in ("gptq", "awq"):
+        runs = [r for r in res["runs"] if r["method"] == m and "seconds" in r]
+        peer = [r for r in runs if r["tool"] == "llm-compressor"]
+        ours = [r for r in runs if r["tool"] == "qwen-quant" and peer and r["nsamples"] == peer[0]["nsamples"]
+                and r["seqlen"] == peer[0]["seqlen"]]
+        if peer and ours:
+            res["ratios"][m] = round(ours[0]["seconds_per_layer"] / peer[0]["seconds_per_layer"], 3)
+            if ours[0].get("steady_seconds_per_layer") and peer[0].get("steady_seconds_per_layer"):
+                res["ratios"][f"{m}_steady"] = round(ours[0]["steady_seconds_per_layer"]
+                                                     / peer[0]["steady_seconds_per_layer"], 3)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
