@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_convert import N_RANKS, SEQ, _make_v1, _ranks, _v1_config, v1_reference_logits
 
 from qwen_quant.convert import tiktoken_tok
@@ -242,7 +243,7 @@ LONG_CASES = {"prompt": {"ntk": True, "logn": True}, "cached decode": {"ntk": Fa
 def _compare(ref: torch.Tensor, got: torch.Tensor) -> dict:
     """KL(v1 || converted) per position (nats), top-1 agreement and max |logit difference|."""
     lp, lq = ref.log_softmax(-1), got.log_softmax(-1)
-    return {"kl": float((lp.exp() * (lp - lq)).sum(-1).mean()), "top1": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+    return {"kl": max(float((lp.exp() * (lp - lq)).sum(-1).mean()), 0.0), "top1": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
             "max_abs": float((ref - got).abs().max()), "entropy": float(-(lp.exp() * lp).sum(-1).mean())}
 
 
@@ -281,12 +282,82 @@ def test_beyond_seq_length_measured(tmp_path, ranks):
     """The figures in README "Qwen v1": what a context past seq_length does differently in v1 (run with -s to print)."""
     rows = long_context_effect(tmp_path, ranks)
     print("\n| tokens | v1 case | ntk_alpha | positions 1..2048: KL / top-1 / max abs | positions 2049..: KL / top-1 / max abs |")
+    print("|---|---|---|---|---|")
     for r in rows:
         f, l_ = r["first"], r["later"]
-        print(f"| {r['tokens']} | {r['case']} | {r['ntk_alpha']} | {f['kl']:.2e} / {f['top1']:.1%} / {f['max_abs']:.3f} "
-              f"| {l_['kl']:.2e} / {l_['top1']:.1%} / {l_['max_abs']:.3f} |")
+        print(f"| {r['tokens']} | {r['case']} | {r['ntk_alpha']} | {f['kl']:.1e} / {f['top1']:.1%} / {f['max_abs']:.3f} "
+              f"| {l_['kl']:.1e} / {l_['top1']:.1%} / {l_['max_abs']:.3f} |")
+    print(f"v1 entropy, positions 1..2048: {rows[0]['first']['entropy']:.2f} nats")
     for r in rows:
         if r["case"] == "prompt":  # NTK rotates every position differently, the first seq_length included
             assert r["first"]["max_abs"] > 1e-2 and r["later"]["max_abs"] > 1e-2
         else:  # cached decoding keeps alpha 1: the first seq_length positions are untouched, logN changes the rest
             assert r["first"]["max_abs"] < 1e-4 and (r["tokens"] < 3000 or r["later"]["max_abs"] > 1e-2)
+
+
+def trained_long_context_effect(tmp: Path, lengths=(65, 94, 129), seq: int = 64, windows: int = 8) -> list[dict]:
+    """The same comparison on a trained model and real text: the untied MHA fixture (trained on 64-token
+    windows, head_dim 32) written as Qwen v1 with seq_length 64, on the held-out eval text. 65/94/129
+    are 2049/3000/4100 scaled by 64/2048 (same ntk_alpha: 3, 3, 7). Also gives each side's perplexity
+    on the positions after seq, i.e. whether v1's tricks or plain rope extrapolate better here."""
+    from test_recipe_run import qwen_v1_from
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from qwen_quant.calib.sources import shipped_dir
+    from qwen_quant.testing.fixtures import fixture_path
+
+    fx = fixture_path("qwen2-tiny-untied", quiet=True)
+    src = qwen_v1_from(fx, tmp / "v1-trained")
+    cfg = json.loads((src / "config.json").read_text()) | {"seq_length": seq, "max_position_embeddings": seq}
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = convert_qwen_v1(ConvertConfig(model=src, output=tmp / "q2-trained"))
+    from safetensors.torch import load_file
+
+    w = load_file(src / "model.safetensors")
+    model = Qwen2ForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    stream = AutoTokenizer.from_pretrained(fx)((shipped_dir() / "eval.txt").read_text())["input_ids"]
+    heads, base = cfg["num_attention_heads"], float(cfg["rotary_emb_base"])
+    rows = []
+    with torch.no_grad():
+        for T in lengths:
+            acc: dict = {}
+            for i in range(windows):
+                window = torch.tensor([stream[i * 600: i * 600 + T + 1]])
+                ids, targets = window[:, :T], window[0, 1:]
+                got = model(ids).logits[0]
+                for case, kw in LONG_CASES.items():
+                    ref = v1_reference_logits(w, ids, heads=heads, seq=seq, base=base, **kw)[0]
+                    for span, sl in (("first", slice(0, seq)), ("later", slice(seq, T))):
+                        c = _compare(ref[sl], got[sl])
+                        tgt = targets[sl]
+                        c["nll_v1"] = float(F.cross_entropy(ref[sl], tgt))
+                        c["nll_converted"] = float(F.cross_entropy(got[sl], tgt))
+                        for k, v in c.items():
+                            acc.setdefault((case, span, k), []).append(v)
+            for case, kw in LONG_CASES.items():
+                row = {"tokens": T, "case": case, "ntk_alpha": max(2 ** math.ceil(math.log(T / seq, 2) + 1) - 1, 1) if kw["ntk"] else 1}
+                for span in ("first", "later"):
+                    row[span] = {k: sum(acc[(case, span, k)]) / windows for (c_, s_, k) in acc if (c_, s_) == (case, span)}
+                    row[span]["max_abs"] = max(acc[(case, span, "max_abs")])
+                rows.append(row)
+    return rows
+
+
+@pytest.mark.slow
+def test_beyond_seq_length_trained_fixture(tmp_path):
+    """README "Qwen v1" second table (run with -s to print)."""
+    rows = trained_long_context_effect(tmp_path)
+    print("\n| tokens | v1 case | ntk_alpha | positions 1..64: KL / top-1 / max abs | positions 65..: KL / top-1 / max abs "
+          "| ppl 1..64: v1 / converted | ppl after 64: v1 / converted |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        f, l_ = r["first"], r["later"]
+        print(f"| {r['tokens']} | {r['case']} | {r['ntk_alpha']} | {f['kl']:.1e} / {f['top1']:.1%} / {f['max_abs']:.3f} "
+              f"| {l_['kl']:.1e} / {l_['top1']:.1%} / {l_['max_abs']:.3f} | {math.exp(f['nll_v1']):.2f} / {math.exp(f['nll_converted']):.2f} "
+              f"| {math.exp(l_['nll_v1']):.2f} / {math.exp(l_['nll_converted']):.2f} |")
+    for r in rows:
+        if r["case"] == "prompt":
+            assert r["first"]["max_abs"] > 1e-2
+        else:
+            assert r["first"]["max_abs"] < 1e-3
+    print(f"v1 entropy, positions 1..64: {rows[0]['first']['entropy']:.2f} nats")

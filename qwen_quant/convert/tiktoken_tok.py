@@ -18,6 +18,23 @@ the last rank. Everything downstream (llama.cpp, onnxruntime-genai, our validato
   still exact for this vocabulary: every one of the 151,643 real tokens is reachable by merges, and
   20,000 random mixed-script texts (1.3 M chars) tokenized identically to tiktoken either way
   (checked while writing this; tests/test_convert.py re-checks a sample with the full vocabulary).
+
+Where we keep the Hugging Face behaviour instead of v1's (each pinned by tests/test_convert_v1_edges.py):
+
+* **Specials are split before NFC.** v1 NFC-normalises the whole string and then lets tiktoken find
+  special tokens; tokenizer.json finds them first and normalises the pieces between. The two differ
+  only when normalisation reaches across a special token's edge: NFC composes '>' + U+0338 into
+  '≯', so v1 reads ``<|im_end|>\u0338`` as plain text while we keep ``<|im_end|>``. Matching v1
+  would take ``normalized: true`` special tokens, while llama.cpp's tokenizer splits special tokens
+  before anything else whatever tokenizer.json says; all our backends agreeing on the ids matters
+  more than this input.
+* **The chat template is text, tokenized whole.** v1's ``make_context`` tokenizes role, ``\n`` and
+  content apart and encodes special-token text inside content as plain text (``allowed_special=set()``).
+  A Jinja template can do neither: its output is one string for the tokenizer. So content starting
+  with whitespace that holds a newline (``"\nhi"``: the two newlines merge into one token) and
+  content containing ``<|im_start|>``/``<|im_end|>`` (they become control tokens, as in every HF
+  ChatML template, Qwen1.5/2 included) get other ids than in v1; the text is the same. Callers that
+  pass untrusted text should strip special-token strings, as with any HF chat model.
 """
 
 from __future__ import annotations
