@@ -1,0 +1,307 @@
+"""Is an artifact usable at all? Damaged files and configs that contradict their tensors, as one-line errors.
+
+Every loading point calls one of these before handing a file to a library, because the libraries
+report such damage late and obliquely: a config.json whose ``bits`` disagrees with the packed tensors
+surfaces as a numpy broadcast error, a truncated safetensors shard only fails when the cut tensor is
+read, and llama.cpp says "failed to load model" without naming the tensor. Each check reads headers
+only (safetensors JSON header, GGUF tensor infos, the ONNX graph without its external data), so it
+costs milliseconds even for a 72B checkpoint, and raises ``QuantError`` naming the file, what is
+wrong and what to do (exit 2: unusable input, never "regression").
+
+The safetensors header is parsed by hand (8-byte length + JSON, the format's whole specification)
+because the safetensors library maps the file lazily and does not compare offsets with the size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwen_quant.errors import QuantError
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """name -> {dtype, shape, data_offsets} of one safetensors file, after checking the file is whole."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise ValueError(f"header claims {n} bytes but the file has {size}")
+            header = json.loads(fh.read(n))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise QuantError(f"{path} is not a readable safetensors file ({err}); the file is truncated or corrupt, "
+                         "copy or re-create it") from None
+    header.pop("__metadata__", None)
+    end = 0
+    for name, t in header.items():
+        a, b = t["data_offsets"]
+        want = math.prod(t["shape"]) * DTYPE_BYTES.get(t["dtype"], 1)
+        if b - a != want:
+            raise QuantError(f"{path}: tensor {name} spans {b - a} bytes but {t['dtype']}{t['shape']} needs {want}; "
+                             "the file is corrupt, re-create it")
+        end = max(end, b)
+    if 8 + n + end > size:
+        raise QuantError(f"{path} is truncated: its tensors need {8 + n + end} bytes but the file has {size}; "
+                         "copy or re-create it")
+    return header
+
+
+def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[list[int], str]]:
+    """tensor name -> (shape, file name) over every shard, each shard checked whole."""
+    idx = model_dir / "model.safetensors.index.json"
+    files = sorted(model_dir.glob("*.safetensors"))
+    if idx.exists():
+        try:
+            wanted = set(json.loads(idx.read_text())["weight_map"].values())
+        except (ValueError, KeyError) as err:
+            raise QuantError(f"{idx} is not a valid safetensors index ({err}); re-create the checkpoint") from None
+        missing = sorted(w for w in wanted if not (model_dir / w).exists())
+        if missing:
+            raise QuantError(f"{model_dir}: shard {missing[0]} named in model.safetensors.index.json is missing; "
+                             "the download or copy is incomplete")
+    out: dict[str, tuple[list[int], str]] = {}
+    for f in files:
+        for name, t in safetensors_header(f).items():
+            out[name] = (t["shape"], f.name)
+    return out
+
+
+def _dims(cfg: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear of a Qwen2 decoder layer, from config.json."""
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or h // heads
+    kv = cfg.get("num_key_value_heads") or heads
+    i = cfg["intermediate_size"]
+    return {"self_attn.q_proj": (h, heads * hd), "self_attn.k_proj": (h, kv * hd), "self_attn.v_proj": (h, kv * hd),
+            "self_attn.o_proj": (heads * hd, h), "mlp.gate_proj": (h, i), "mlp.up_proj": (h, i), "mlp.down_proj": (i, h)}
+
+
+def _quant_args(cfg: dict) -> tuple[str | None, int, int]:
+    qc = cfg.get("quantization_config") or {}
+    method = qc.get("quant_method")
+    if method == "compressed-tensors":
+        w = next(iter((qc.get("config_groups") or {}).values()), {}).get("weights") or {}
+        return method, int(w.get("num_bits") or 8), int(w.get("group_size") or -1)
+    return method, int(qc.get("bits") or 16), int(qc.get("group_size") or -1)
+
+
+def check_checkpoint(model_dir: str | Path, cfg: dict[str, Any]) -> None:
+    """Raise QuantError unless every shard is whole and config.json agrees with the tensors."""
+    d = Path(model_dir)
+    shapes = checkpoint_shapes(d)
+    cj = d / "config.json"
+
+    def bad(what: str, fix: str) -> QuantError:
+        return QuantError(f"{cj}: {what}; {fix}")
+
+    if "vocab_size" not in cfg or "hidden_size" not in cfg:
+        return  # not a Qwen2-style config: leave it to transformers
+    emb = shapes.get("model.embed_tokens.weight")
+    if emb is None:
+        raise bad("model.embed_tokens.weight is missing from the weights", "the checkpoint is incomplete, re-create it")
+    if emb[0][0] != cfg["vocab_size"]:
+        raise bad(f"vocab_size {cfg['vocab_size']} disagrees with model.embed_tokens.weight ({emb[0][0]} rows in {emb[1]})",
+                  "set vocab_size to the embedding's rows or use the config of the model these weights came from")
+    if emb[0][1] != cfg["hidden_size"]:
+        raise bad(f"hidden_size {cfg['hidden_size']} disagrees with model.embed_tokens.weight ({emb[0][1]} columns)",
+                  "use the config of the model these weights came from")
+    heads = [n for n in shapes if n.startswith("lm_head.")]
+    if not cfg.get("tie_word_embeddings", False) and not heads:
+        raise bad("tie_word_embeddings is false but the weights have no lm_head", "the lm_head tensor is missing: "
+                  "re-create the checkpoint (or set tie_word_embeddings true if the model really ties them)")
+    if "lm_head.weight" in shapes and shapes["lm_head.weight"][0][0] != cfg["vocab_size"]:
+        raise bad(f"vocab_size {cfg['vocab_size']} disagrees with lm_head.weight ({shapes['lm_head.weight'][0][0]} rows)",
+                  "use the config of the model these weights came from")
+    method, bits, gs = _quant_args(cfg)
+    dims = _dims(cfg)
+    for layer in range(cfg.get("num_hidden_layers", 0)):
+        for lin, (i, o) in dims.items():
+            name = f"model.layers.{layer}.{lin}"
+            _check_linear(name, i, o, shapes, method, bits, gs, bad)
+
+
+def _check_linear(name, i, o, shapes, method, bits, gs, bad) -> None:
+    groups = 1 if gs in (-1, 0) else -(-i // gs)
+    what = "intermediate_size" if "mlp" in name else "the attention shape (heads, head_dim, hidden_size)"
+
+    def shape(suffix):
+        return shapes.get(f"{name}.{suffix}", (None, None))[0]
+
+    if method in ("gptq", "awq"):
+        qw, sc = shape("qweight"), shape("scales")
+        if qw is None and shape("weight") is not None:
+            return  # left unquantized (modules_to_not_convert)
+        if qw is None or sc is None:
+            raise bad(f"{name}.qweight/scales are missing", "the checkpoint is incomplete, re-create it")
+        packed_in, packed_out = (i * bits / 32, o) if method == "gptq" else (i, o * bits / 32)
+        if qw != [packed_in, packed_out]:
+            real = 32 * qw[0] / i if method == "gptq" else 32 * qw[1] / o
+            fixed = qw[1] == o if method == "gptq" else qw[0] == i
+            if fixed and real in (2, 3, 4, 8) and real != bits:
+                raise bad(f"bits={bits} but {name}.qweight {qw} holds {real:g}-bit codes for {i}x{o} weights",
+                          "set quantization_config.bits to what the tensors were packed with, or re-quantize")
+            raise bad(f"{name}.qweight has shape {qw}, expected {[int(packed_in), int(packed_out)]} for {i} inputs, "
+                      f"{o} outputs at {bits} bits; check {what} and bits", "use the config these tensors were written with")
+        if sc != [groups, o]:
+            real = f"group_size {i // sc[0]}" if sc[0] and i % sc[0] == 0 and sc[1] == o else f"shape {sc}"
+            raise bad(f"group_size={gs} needs {name}.scales of shape {[groups, o]} but it has {real}",
+                      "set quantization_config.group_size to what the tensors were written with, or re-quantize")
+    elif method == "compressed-tensors" and shape("weight_packed") is not None:
+        wp, sc = shape("weight_packed"), shape("weight_scale")
+        if wp != [o, i * bits // 32]:
+            real = 32 * wp[1] / i if wp[0] == o else None
+            if real in (2, 3, 4, 8) and real != bits:
+                raise bad(f"num_bits={bits} but {name}.weight_packed {wp} holds {real:g}-bit codes for {i}x{o} weights",
+                          "set the quantization config's num_bits to what the tensors were packed with, or re-quantize")
+            raise bad(f"{name}.weight_packed has shape {wp}, expected {[o, i * bits // 32]}; check {what} and num_bits",
+                      "use the quantization config these tensors were written with, or re-quantize")
+        if sc is None or sc != [o, groups]:
+            raise bad(f"group_size={gs} needs {name}.weight_scale of shape {[o, groups]} but it has {sc}",
+                      "use the quantization config these tensors were written with, or re-quantize")
+    else:
+        w = shape("weight")
+        if w is None:
+            if shape("weight_packed") is None and shape("qweight") is None:
+                raise bad(f"{name}.weight is missing from the weights", "the checkpoint is incomplete, re-create it")
+            return
+        if w != [o, i]:
+            raise bad(f"{name}.weight has shape {w} but the config implies {[o, i]}; check {what}",
+                      "use the config of the model these weights came from")
+
+
+def gidx_convention(model_dir: str | Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Which g_idx convention validation used, and whether serving kernels compute the same.
+
+    With ``desc_act`` false, Marlin and ExLlama (vLLM, transformers) ignore ``g_idx`` and use
+    ``col // group_size``; our dequantizer applies ``g_idx``. The two agree exactly when g_idx is
+    that trivial order, so that is what is checked; act-order checkpoints are read through g_idx by
+    every kernel, as here.
+    """
+    from safetensors import safe_open
+
+    qc = cfg.get("quantization_config") or {}
+    gs = int(qc.get("group_size") or -1)
+    if qc.get("desc_act"):
+        return {"name": "g_idx convention", "ok": True, "expected": "g_idx applied (desc_act=true, act-order)",
+                "actual": "g_idx applied", "reason": "act-order checkpoints are read through g_idx by every kernel"}
+    d = Path(model_dir)
+    odd = None
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), "np") as h:
+            for k in h.keys():
+                if k.endswith(".g_idx"):
+                    g = h.get_tensor(k).astype(np.int64)
+                    want = np.arange(len(g)) // (len(g) if gs == -1 else gs)
+                    if not np.array_equal(g, want):
+                        odd = k
+                        break
+        if odd:
+            break
+    ok = odd is None
+    return {"name": "g_idx convention", "ok": ok, "expected": "col // group_size (desc_act=false: what Marlin/ExLlama compute)",
+            "actual": "col // group_size" if ok else f"{odd} is not col // group_size",
+            "reason": "validated weights equal served weights" if ok else
+            f"{d.name}: desc_act=false but {odd} reorders groups; Marlin/ExLlama ignore g_idx, so served weights differ "
+            "from the validated ones (set desc_act true or rewrite g_idx)"}
+
+
+def check_gguf(path: str | Path) -> None:
+    """A GGUF whose header parses and whose tensors all lie inside the file, with shapes that match its keys."""
+    import gguf
+
+    p = Path(path)
+    size = p.stat().st_size
+    try:
+        reader = gguf.GGUFReader(str(p))
+    except Exception as err:  # gguf-py raises ValueError/IndexError/struct.error on a cut header
+        raise QuantError(f"{p} is not a readable GGUF file ({type(err).__name__}: {err}); it is truncated or "
+                         "corrupt, re-export it") from None
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise QuantError(f"{p} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes} but the file "
+                             f"has {size}; re-export it")
+    arch = _field(reader, "general.architecture") or "qwen2"
+    tens = {t.name: [int(x) for x in t.shape] for t in reader.tensors}  # gguf order: [in, out]
+    emb = tens.get("token_embd.weight")
+    for key, tensor, axis in ((f"{arch}.embedding_length", "token_embd.weight", 0),
+                              (f"{arch}.feed_forward_length", "blk.0.ffn_up.weight", 1)):
+        v = _field(reader, key)
+        if v is not None and tensor in tens and tens[tensor][axis] != int(v):
+            raise QuantError(f"{p}: {key} = {v} but {tensor} has shape {tens[tensor]}; the metadata contradicts the "
+                             "tensors, re-export the GGUF")
+    toks = reader.get_field("tokenizer.ggml.tokens")
+    if toks is not None and emb is not None and len(toks.data) != emb[1]:
+        raise QuantError(f"{p}: the vocabulary has {len(toks.data)} tokens but token_embd.weight has {emb[1]} rows; "
+                         "re-export the GGUF")
+
+
+def _field(reader, key: str):
+    f = reader.get_field(key)
+    if f is None:
+        return None
+    try:
+        return f.contents()
+    except Exception:
+        return None
+
+
+def check_onnx(path: str | Path) -> None:
+    """model.onnx parses, its external data files exist and are long enough, genai_config matches the graph."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    p = Path(path)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as err:
+        raise QuantError(f"{p} is not a readable ONNX model ({type(err).__name__}: {err}); it is truncated or corrupt, "
+                         "re-export it") from None
+    ends: dict[str, int] = {}
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        f = p.parent / info.get("location", "")
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        ends[str(f)] = max(ends.get(str(f), 0), end)
+    for f, end in ends.items():
+        fp = Path(f)
+        if not fp.is_file():
+            raise QuantError(f"{p}: external data file {fp.name} is missing; copy the whole ONNX folder")
+        if fp.stat().st_size < end:
+            raise QuantError(f"{fp} is truncated: {p.name} reads up to byte {end} but the file has {fp.stat().st_size}; "
+                             "copy or re-export the ONNX folder")
+    _check_genai(p, model)
+
+
+def _check_genai(p: Path, model) -> None:
+    gc = p.parent / "genai_config.json"
+    if not gc.exists():
+        return
+    try:
+        dec = json.loads(gc.read_text())["model"]["decoder"]
+    except (ValueError, KeyError) as err:
+        raise QuantError(f"{gc} is not a valid genai_config.json ({err}); re-export the ONNX folder") from None
+    past = [i for i in model.graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
+    if past and dec.get("num_hidden_layers") not in (None, len(past)):
+        raise QuantError(f"{gc}: num_hidden_layers {dec['num_hidden_layers']} but {p.name} has {len(past)} layers "
+                         "of KV cache; re-export the ONNX folder")
+    if past:
+        dims = [d.dim_value for d in past[0].type.tensor_type.shape.dim]
+        for key, axis in (("num_key_value_heads", 1), ("head_size", 3)):
+            if len(dims) > axis and dims[axis] and dec.get(key) not in (None, dims[axis]):
+                raise QuantError(f"{gc}: {key} {dec[key]} but {p.name} has {dims[axis]}; re-export the ONNX folder")
