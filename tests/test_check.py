@@ -105,3 +105,66 @@ def test_update_baseline_writes_the_report(run_cli, tmp_path, base):
     code, out, _ = run_cli("check", now, "--baseline", b, "--update-baseline")
     assert code == 0 and json.loads(b.read_text()) == worse
     assert run_cli("check", now, "--baseline", b)[0] == 0
+
+
+def test_default_gate_covers_kl_and_top1(run_cli, tmp_path, base):
+    """With a baseline: KL +50% (above a 0.001 floor) and a 0.5-point top-1 drop fail even when perplexity holds."""
+    b = _write(tmp_path, "base.json", base)
+    kl = copy.deepcopy(base)
+    kl["results"][0]["metrics"]["kl_mean"] = 0.11  # 11x the baseline's 0.01, perplexity unchanged
+    code, out, _ = run_cli("check", _write(tmp_path, "kl.json", kl), "--baseline", b)
+    line = next(ln for ln in out.splitlines() if ln.startswith("REGRESSION"))
+    assert code == 1 and "kl_mean" in line and "g4" in line and "+50%" in line
+    small = copy.deepcopy(base)
+    small["results"][1]["metrics"]["kl_mean"] = 0.0105  # +5%: within the relative limit
+    assert run_cli("check", _write(tmp_path, "small.json", small), "--baseline", b)[0] == 0
+    tiny = copy.deepcopy(base)
+    for r in (tiny, base):
+        r["results"][1]["metrics"]["kl_mean"] = 1e-5 if r is base else 5e-4  # 50x, but under the 0.001 floor
+    assert run_cli("check", _write(tmp_path, "tiny.json", tiny), "--baseline", _write(tmp_path, "b2.json", base))[0] == 0
+    top = copy.deepcopy(base)
+    top["results"][1]["metrics"]["top1_agreement"] = 0.94  # -1 point
+    code, out, _ = run_cli("check", _write(tmp_path, "top.json", top), "--baseline", b)
+    assert code == 1 and "top1_agreement" in out and "points" in out
+    assert run_cli("check", _write(tmp_path, "top.json", top), "--baseline", b, "--max-top1-drop", "2")[0] == 0
+    code, _, err = run_cli("check", b, "--max-top1-drop", "2")
+    assert code == 2 and "--baseline" in err
+
+
+def test_type_defaults_without_baseline(base):
+    """No baseline, no recipe limits: each artifact class has absolute limits (60x perplexity fails)."""
+    from qwen_quant.check import artifact_class
+
+    now = copy.deepcopy(base)
+    now["extra"] = {}
+    assert not [x for x in compare(now, None) if x.regressed]
+    now["results"][1]["metrics"]["ppl_ratio"] = 60.0
+    bad = [x for x in compare(now, None) if x.regressed]
+    assert [(x.artifact, x.metric) for x in bad] == [("gguf [gguf-q8_0]", "ppl_ratio")]
+    assert [artifact_class(r) for r in now["results"]] == ["4bit", "8bit"]
+    assert artifact_class({"artifact": {"format": "gguf"}, "backend": {"dtype": "q3_k_m"}}) == "low"
+    assert artifact_class({"artifact": {"format": "hf"}, "backend": {"dtype": "float32"}}) == "float"
+
+
+def test_nothing_to_check_is_an_input_error(run_cli, tmp_path, base):
+    bare = copy.deepcopy(base)
+    bare["extra"] = {}
+    for r in bare["results"]:
+        r["metrics"] = {"perplexity": r["metrics"]["perplexity"], "tokens_scored": 50}  # evaluated without --reference
+    code, _, err = run_cli("check", _write(tmp_path, "bare.json", bare))
+    assert code == 2 and "nothing to check" in err and "--baseline" in err
+
+
+def test_metadata_mismatch_fails_with_one_line(run_cli, tmp_path, base):
+    now = copy.deepcopy(base)
+    ok = {"name": "rope_theta", "ok": True, "expected": 1e6, "actual": 1e6, "reason": ""}
+    bad = {"name": "eos_token_id", "ok": False, "expected": [151643], "actual": [2],
+           "reason": "gguf: eos token id [2] in GGUF keys is not one the source declares ([151643])"}
+    now["results"][1]["metadata"] = {"ok": False, "checks": [ok, bad]}
+    now["results"][0]["metadata"] = {"ok": True, "checks": [ok]}
+    validate_report(now)
+    b = _write(tmp_path, "base.json", base)
+    code, out, _ = run_cli("check", _write(tmp_path, "md.json", now), "--baseline", b)
+    lines = [ln for ln in out.splitlines() if ln.startswith("REGRESSION")]
+    assert code == 1 and len(lines) == 1
+    assert lines[0].startswith("REGRESSION: gguf [gguf-q8_0] on llama.cpp: metadata: gguf: eos token id [2]")
