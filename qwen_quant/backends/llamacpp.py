@@ -47,6 +47,9 @@ class LlamaCppBackend(Backend):
         self.path = Path(path)
         if not self.path.is_file():
             raise QuantError(f"{self.path} does not exist; pass a .gguf file")
+        from qwen_quant.formats.integrity import check_gguf
+
+        check_gguf(self.path)  # truncated or self-contradicting files: one line, exit 2
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
         if device.startswith("cuda") and not gpu:
             raise QuantError(f"--device {device}: this llama-cpp-python build has no GPU offload; "
@@ -63,8 +66,8 @@ class LlamaCppBackend(Backend):
         llama_cpp = _llama_cpp()
         if self._llm is not None:
             self._llm.close()
-        self._llm = llama_cpp.Llama(
-            model_path=str(self.path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512),
+        self._llm = _load_llama(
+            llama_cpp, self.path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512),
             logits_all=True, n_gpu_layers=-1 if self.device == "cuda" else 0, n_threads=self._n_threads,
             op_offload=self.device == "cuda",  # --device cpu on a CUDA build: no batch ops sent to the GPU
             n_threads_batch=self._n_threads, seed=0, verbose=False,
@@ -117,6 +120,16 @@ class LlamaCppBackend(Backend):
         if self._llm is not None:
             self._llm.close()
             self._llm = None
+
+
+def _load_llama(llama_cpp, path: Path, **kw):
+    """llama_cpp.Llama, with a load failure turned into one line naming the file and llama.cpp's reason."""
+    with CapturedLog(llama_cpp) as log:
+        try:
+            return llama_cpp.Llama(model_path=str(path), **kw)
+        except ValueError:
+            why = (log.grep("error") or log.grep("failed") or ["no reason logged"])[-1]
+    raise QuantError(f"{path}: llama.cpp cannot load it ({why}); the GGUF is damaged or inconsistent, re-export it")
 
 
 class CapturedLog:

@@ -61,12 +61,19 @@ class OrtBackend(Backend):
     def __init__(self, path: str | Path, device: str = "auto", chunk: int = 256, threads: int | None = None):
         import onnxruntime as ort
 
+        from qwen_quant.formats.integrity import check_onnx
+
         self.path = model_file(path)
+        check_onnx(self.path)  # truncated model or external data, genai_config contradicting the graph: exit 2
         self.device, providers = pick_providers(device)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types, no common base
+            first = (str(err).splitlines() or [""])[0][:200]
+            raise QuantError(f"{self.path}: onnxruntime cannot load it ({first}); the model is damaged, re-export it") from None
         self.chunk = max(1, int(chunk))
         self._inputs = {i.name: i for i in self.session.get_inputs()}
         missing = {"input_ids", "attention_mask"} - set(self._inputs)

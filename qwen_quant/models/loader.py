@@ -57,6 +57,10 @@ def check_model(path: str | Path) -> tuple[Path, dict[str, Any], QwenFamily]:
     fam = detect_family(cfg, p)
     if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
         raise QuantError(f"{p} has config.json but no weight files (*.safetensors); the download may be incomplete")
+    if cfg.get("model_type") == "qwen2" and any(p.glob("*.safetensors")):
+        from qwen_quant.formats.integrity import check_checkpoint
+
+        check_checkpoint(p, cfg)  # truncated shards, config contradicting tensors: one line, exit 2
     return p, cfg, fam
 
 
@@ -91,12 +95,22 @@ def torch_dtype(name: str | None, device: str = "cpu"):
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str | None = "float32"):
     """The model as a torch module in eval mode; quantized checkpoints come back dequantized."""
-    from transformers import AutoModelForCausalLM
-
     p, cfg, _ = check_model(path)
     device = pick_device(device)
     dt = torch_dtype(dtype, device)
     method = (cfg.get("quantization_config") or {}).get("quant_method")
+    try:
+        model = _load(p, method, dt)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:  # damage the header checks cannot see
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise QuantError(f"{p} could not be loaded ({type(err).__name__}: {first}); the checkpoint is damaged or "
+                         "its config does not match its tensors, re-create it") from None
+    return model.to(device).eval()
+
+
+def _load(p: Path, method: str | None, dt):
+    from transformers import AutoModelForCausalLM
+
     if method in ("gptq", "awq"):
         from qwen_quant.formats import load_dequantized
 
@@ -111,4 +125,4 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | None = "float
 
             kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dt, **kw)
-    return model.to(device).eval()
+    return model
