@@ -19,6 +19,7 @@ from qwen_quant.errors import QuantError
 from qwen_quant.progress import progress
 from qwen_quant.report import Result
 from qwen_quant.validate.metrics import Accumulator, greedy_parity, windows
+from qwen_quant.validate.metadata import metadata_parity
 
 
 @dataclass
@@ -158,7 +159,10 @@ def run_eval(artifact, cfg: EvalConfig, reference=None, backend: str | None = No
                 raise QuantError(f"artifact vocab {test_b.vocab_size} differs from reference vocab {ref_b.vocab_size}; "
                                  "is the reference the model this artifact was made from?")
         metrics = evaluate(test_b, tokens, cfg, ref_b, prompts)
+        # artifact metadata parity (tokenizer, special ids, template, rope/eps/ctx; issue 12): validate/metadata.py
+        metadata = metadata_parity(artifact, reference, cfg.data) if reference is not None and isinstance(artifact, (str, Path)) else None
         return Result(
+            metadata=metadata,
             artifact=artifact_record(artifact, type_=artifact_type),
             backend=backend_record(test_b),
             reference=None if ref_b is None else {"path": str(reference), "backend": ref_b.name, "device": ref_b.device, "dtype": ref_b.dtype},
