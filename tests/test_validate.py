@@ -109,3 +109,171 @@ def test_json_report_validates_against_schema(untied_model, tmp_path, run_cli):
     del bad["results"][0]["metrics"]["perplexity"]
     with pytest.raises(jsonschema.ValidationError):
         validate_report(bad)
+
+
+# -- device metrics (issue 11) --------------------------------------------------------------------
+
+class NumpyReference:
+    """The earlier numpy metric path, kept as the reference implementation the device path must equal."""
+
+    def __init__(self):
+        self.nll, self.kl, self.top1, self.ref_nll = [], [], [], []
+
+    @staticmethod
+    def log_softmax(x):
+        x = np.asarray(x, dtype=np.float64)
+        m = x.max(-1, keepdims=True)
+        return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+    def add(self, logits, targets, ref_logits):
+        lp, lr = self.log_softmax(logits), self.log_softmax(ref_logits)
+        idx = np.arange(len(targets))
+        self.nll.append(-lp[idx, targets])
+        self.ref_nll.append(-lr[idx, targets])
+        self.kl.append(np.clip((np.exp(lr) * (lr - lp)).sum(-1), 0, None))
+        self.top1.append(ref_logits.argmax(-1) == logits.argmax(-1))
+
+    def result(self):
+        nll, kl = np.concatenate(self.nll), np.concatenate(self.kl)
+        return {"perplexity": float(np.exp(nll.mean())), "ref_perplexity": float(np.exp(np.concatenate(self.ref_nll).mean())),
+                "kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)), "kl_max": float(kl.max()),
+                "top1_agreement": float(np.concatenate(self.top1).mean()), "tokens_scored": int(nll.size)}
+
+
+@pytest.mark.parametrize("chunk_bytes", [2**29, 4 * 1000 * 7])  # one chunk; 7 positions per chunk
+def test_device_metrics_equal_numpy_reference(chunk_bytes):
+    from qwen_quant.validate.metrics import Accumulator
+
+    g = np.random.default_rng(0)
+    acc, ref = Accumulator(chunk_bytes=chunk_bytes), NumpyReference()
+    for t in (50, 63, 1):
+        lg = (g.standard_normal((t, 1000)) * 3).astype(np.float32)
+        rl = lg + g.standard_normal((t, 1000)).astype(np.float32) * 0.5
+        tg = g.integers(0, 1000, t)
+        ref.add(lg, tg, rl)
+        acc.add(torch.from_numpy(lg), torch.from_numpy(tg), rl)  # torch and numpy inputs mixed on purpose
+    got, want = acc.result(), ref.result()
+    assert got["tokens_scored"] == want["tokens_scored"] == 114
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-5), k
+
+
+def test_device_metrics_on_model_logits_equal_numpy_reference(untied_model, perturbed):
+    from qwen_quant.calib import eval_tokens
+    from qwen_quant.models.loader import load_tokenizer
+
+    ids = np.asarray(eval_tokens(load_tokenizer(untied_model), max_tokens=512), dtype=np.int64)[:512].reshape(4, 128)
+    with open_backend(perturbed, device="cpu") as a, open_backend(untied_model, device="cpu") as r:
+        lg, rl = a.logits(ids), r.logits(ids)
+        got = evaluate(a, ids.reshape(-1), EvalConfig(ctx=128, batch_size=3), r)
+    ref = NumpyReference()
+    for i in range(4):
+        ref.add(lg[i, 64:127], ids[i, 65:], rl[i, 64:127])
+    for k, v in ref.result().items():
+        assert got[k] == pytest.approx(v, rel=1e-5), k
+
+
+class NumpyOnly:
+    """A backend that, like llama.cpp and onnxruntime, only implements the numpy `logits` contract."""
+
+    def __init__(self, inner):
+        from qwen_quant.backends.base import Backend
+
+        class _B(Backend):
+            name, device, vocab_size = "numpy-only", "cpu", inner.vocab_size
+
+            def logits(self, ids):
+                return inner.logits(ids)
+
+            def greedy(self, prompt_ids, n):
+                return inner.greedy(prompt_ids, n)
+
+        self.backend = _B()
+
+
+@pytest.mark.parametrize("method", ["windows", "stride"])
+def test_batched_scoring_and_numpy_backends_agree(untied_model, perturbed, method):
+    from qwen_quant.calib import eval_tokens
+    from qwen_quant.models.loader import load_tokenizer
+
+    tokens = np.asarray(eval_tokens(load_tokenizer(untied_model), max_tokens=1024), dtype=np.int64)
+    with open_backend(perturbed, device="cpu") as a, open_backend(untied_model, device="cpu") as r:
+        one = evaluate(a, tokens, EvalConfig(ctx=128, method=method, stride=48, batch_size=1), r)
+        many = evaluate(a, tokens, EvalConfig(ctx=128, method=method, stride=48, batch_size=5), r)
+        np_only = evaluate(NumpyOnly(a).backend, tokens, EvalConfig(ctx=128, method=method, stride=48, batch_size=2), r)
+    for m in (many, np_only):
+        assert m["tokens_scored"] == one["tokens_scored"]
+        for k in ("perplexity", "ref_perplexity", "kl_mean", "kl_p99", "kl_max", "top1_agreement"):
+            assert m[k] == pytest.approx(one[k], rel=1e-5), k
+
+
+def test_batched_greedy_equals_unbatched(untied_model, perturbed):
+    from qwen_quant.calib import greedy_prompts
+    from qwen_quant.models.loader import load_tokenizer
+
+    prompts = [ids for _, ids in greedy_prompts(load_tokenizer(untied_model))][:5]
+    prompts.append(prompts[0][:3])  # very different lengths: heavy left padding
+    assert len({len(p) for p in prompts}) > 2
+    for model in (untied_model, perturbed):
+        with open_backend(model, device="cpu") as b:
+            batched = b.greedy_batch(prompts, 10)
+            single = [b.greedy_batch([p], 10)[0] for p in prompts]
+            # the unbatched loop written independently: full recompute, no cache, no padding
+            plain = []
+            for p in prompts:
+                ids = list(p)
+                for _ in range(10):
+                    ids.append(int(b.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+                plain.append(ids[len(p):])
+        assert batched == single == plain
+
+
+def test_eval_phases_notes_and_reference_reuse(untied_model, perturbed):
+    from qwen_quant.validate import References
+
+    refs = References()
+    try:
+        a = run_eval(perturbed, CFG, reference=untied_model, device="cpu", refs=refs)
+        b = run_eval(untied_model, CFG, reference=untied_model, device="cpu", refs=refs)
+        assert len(refs.backends) == 1 and len(refs.tokens) == 1  # loaded and decoded once for both
+    finally:
+        refs.close()
+    assert set(a.phases) == {"load", "scoring", "greedy"} and all(v >= 0 for v in a.phases.values())
+    assert any("reused" in n for n in b.notes)
+    assert b.metrics["kl_max"] == 0 and b.metrics["greedy_exact"] == 4
+    assert a.metrics["kl_mean"] > 1e-3
+
+
+def test_multi_gpu_placement_dry_run(untied_model):
+    """`--device cuda:0,1`: whole decoder layers over two devices, in order, within each device's budget."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qwen_quant.backends.torch_backend import parse_devices, plan_device_map
+
+    assert parse_devices("cuda:0,1") == parse_devices("cuda:0,cuda:1") == ["cuda:0", "cuda:1"]
+    cfg = AutoConfig.from_pretrained(str(untied_model))
+    cfg.num_hidden_layers = 8
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg)
+    total = sum(p.numel() * 4 for p in model.parameters())
+    dmap = plan_device_map(model, ["cuda:0", "cuda:1"], max_memory={0: int(total * 0.6), 1: int(total * 0.6)})
+    layers = [dmap.get(f"model.layers.{i}") for i in range(8)]
+    assert set(dmap.values()) == {"cuda:0", "cuda:1"}
+    assert all(d is not None for d in layers), dmap  # never split inside a layer
+    first1 = layers.index("cuda:1")
+    assert layers[:first1] == ["cuda:0"] * first1 and layers[first1:] == ["cuda:1"] * (8 - first1)
+
+
+def test_v1_report_still_reads():
+    from qwen_quant.report import Report, validate_report
+
+    v1 = {"schema": "qwen-quant/report/v1", "tool": {"name": "qwen-quant", "version": "0.1"}, "created": "2026-01-01T00:00:00+00:00",
+          "host": {}, "extra": {},
+          "results": [{"artifact": {"path": "a", "format": "gptq", "size_bytes": 1}, "backend": {"name": "torch", "device": "cpu",
+                       "dtype": "float32", "versions": {}}, "dataset": {"name": "shipped", "sha256": "0" * 64, "n_tokens": 10},
+                       "ctx": 8, "ppl_method": "windows", "metrics": {"perplexity": 2.0, "tokens_scored": 3, "nll_mean": 0.69},
+                       "wall_time_s": 1.0, "reference": None, "extra": {}}]}
+    validate_report(v1)
+    r = Report.from_dict(v1).results[0]
+    assert r.phases == {} and r.notes == [] and r.metrics["perplexity"] == 2.0

@@ -1,4 +1,14 @@
-"""The PyTorch backend: transformers' Qwen2 on CUDA when present, else CPU, in a chosen dtype."""
+"""The PyTorch backend: transformers' Qwen2 on CUDA when present, else CPU, in a chosen dtype.
+
+Logits stay on the device (`device_logits`, only the positions asked for are projected onto the
+vocabulary); greedy decoding runs every prompt in one left-padded batch with a KV cache.
+
+A model larger than one GPU is split over several with ``device="cuda:0,1"`` (or ``"cuda:0,cuda:1"``):
+accelerate's `infer_auto_device_map` places whole decoder layers on the GPUs in order (within
+``max_memory``) and transformers' hooks move activations between them (pipeline placement, one GPU
+busy at a time: meant for greedy parity of a 72B model, not for speed). `plan_device_map` is the
+same placement without loading anything, for a dry run or a test.
+"""
 
 from __future__ import annotations
 
@@ -9,46 +19,119 @@ import numpy as np
 from qwen_quant.backends.base import Backend
 
 
+def parse_devices(device: str) -> list[str]:
+    """"cuda:0,1" / "cuda:0,cuda:1" -> ["cuda:0", "cuda:1"]; a single device -> [device]."""
+    parts = [p.strip() for p in str(device).split(",") if p.strip()]
+    out = []
+    for p in parts:
+        out.append(f"cuda:{p}" if p.isdigit() else p)
+    return out
+
+
+def _layer_class(model) -> list[str]:
+    return sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("DecoderLayer")})
+
+
+def plan_device_map(model, devices: Sequence[str], max_memory: dict | None = None) -> dict[str, str]:
+    """Where each module goes over ``devices`` (whole decoder layers, in order); ``model`` may be on meta.
+
+    ``max_memory``: bytes per device (default: 90% of each GPU's free memory).
+    """
+    import torch
+    from accelerate import infer_auto_device_map
+
+    keys = [torch.device(d).index if torch.device(d).type == "cuda" else d for d in devices]
+    if max_memory is None:
+        max_memory = {k: int(0.9 * torch.cuda.mem_get_info(k)[0]) for k in keys}
+    dmap = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=_layer_class(model),
+                                 dtype=next(model.parameters()).dtype)
+    return {name: (f"cuda:{d}" if isinstance(d, int) else str(d)) for name, d in dmap.items()}
+
+
 class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model_or_path, device: str = "auto", dtype: str | None = None):
         import torch
 
-        from qwen_quant.models.loader import DTYPES, load_model, pick_device
+        from qwen_quant.models.loader import load_model, pick_device
 
-        self.device = pick_device(device)
+        devices = parse_devices(device if device != "auto" else pick_device("auto"))
+        for d in devices:
+            pick_device(d)  # clear error when CUDA is asked for and absent
+        self.device = ",".join(devices)
         if isinstance(model_or_path, torch.nn.Module):
             self.model = model_or_path.eval()
             self.device = str(next(self.model.parameters()).device)
         else:
-            dtype = dtype or ("float32" if self.device == "cpu" else "bfloat16")
-            self.model = load_model(model_or_path, self.device, dtype)
+            dtype = dtype or ("float32" if devices[0] == "cpu" else "bfloat16")
+            if len(devices) == 1:
+                self.model = load_model(model_or_path, devices[0], dtype)
+            else:
+                self.model = self._load_split(model_or_path, devices, dtype)
         self.dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
         self.vocab_size = int(self.model.config.vocab_size)
+        self.input_device = self.model.get_input_embeddings().weight.device
+
+    @staticmethod
+    def _load_split(path, devices: list[str], dtype: str):
+        """Load onto the host (dense), then dispatch whole layers over ``devices`` with accelerate."""
+        from accelerate import dispatch_model
+
+        from qwen_quant.models.loader import load_model
+
+        model = load_model(path, "cpu", dtype)
+        dmap = plan_device_map(model, devices)
+        return dispatch_model(model, device_map=dmap)
+
+    def device_logits(self, ids: np.ndarray, keep: int | None = None):
+        import torch
+
+        with torch.inference_mode():
+            x = torch.as_tensor(np.asarray(ids, dtype=np.int64)).to(self.input_device)
+            kw = {} if keep is None else {"logits_to_keep": int(keep)}
+            return self.model(input_ids=x, use_cache=False, **kw).logits
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            x = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
-            out = self.model(input_ids=x, use_cache=False).logits
-            return out.float().cpu().numpy()
+        return self.device_logits(ids).float().cpu().numpy()
 
     def greedy(self, prompt_ids: Sequence[int], n: int) -> list[int]:
+        return self.greedy_batch([prompt_ids], n)[0]
+
+    def greedy_batch(self, prompts: Sequence[Sequence[int]], n: int) -> list[list[int]]:
+        """All prompts decoded together: left padding, masked, positions counted from each prompt's start.
+
+        The per-prompt tokens equal unbatched decoding (tested in float32 on the CPU); in bf16 on a GPU
+        different batch shapes can round differently, so artifact and reference are always decoded
+        with the same batch.
+        """
         import torch
 
-        out: list[int] = []
+        if n <= 0 or not prompts:
+            return [[] for _ in prompts]
+        dev = self.input_device
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            if len(p):
+                ids[i, width - len(p):] = torch.as_tensor(list(p))
+                mask[i, width - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = []
         with torch.inference_mode():
-            x = torch.tensor([list(prompt_ids)], device=self.device)
-            past = None
-            for _ in range(n):
-                res = self.model(input_ids=x, past_key_values=past, use_cache=True)
-                past = res.past_key_values
-                nxt = int(res.logits[0, -1].float().argmax())
+            res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            for step in range(n):
+                nxt = res.logits[:, -1].argmax(-1).to(dev)
                 out.append(nxt)
-                x = torch.tensor([[nxt]], device=self.device)
-        return out
+                if step + 1 == n:
+                    break
+                mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], 1)
+                pos = pos[:, -1:] + 1
+                res = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                                 past_key_values=res.past_key_values, use_cache=True)
+        return torch.stack(out, 1).cpu().tolist()
 
     def versions(self) -> dict[str, str]:
         import torch
@@ -57,7 +140,7 @@ class TorchBackend(Backend):
         v = {"torch": torch.__version__, "transformers": transformers.__version__}
         if self.device.startswith("cuda"):
             v["cuda"] = str(torch.version.cuda)
-            v["gpu"] = torch.cuda.get_device_name(torch.device(self.device))
+            v["gpu"] = torch.cuda.get_device_name(torch.device(self.device.split(",")[0]))
         return v
 
     def close(self) -> None:

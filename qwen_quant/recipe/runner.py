@@ -1,6 +1,7 @@
 """`run_recipe`: source (+ v1 conversion) -> every artifact -> validation on its backends -> one report.
 
-Each artifact is built by the same function its CLI command calls (`quantize_model`, `export_gguf`,
+All artifacts are built first, then validated, so the reference model is loaded once and kept for
+every validation (and the GPU is free of it while quantizers run). Each artifact is built by the same function its CLI command calls (`quantize_model`, `export_gguf`,
 `export_onnx`) with validation off, then measured here by `run_eval` on every backend the recipe
 names, with the recipe's one `EvalConfig`, so all rows of the report are comparable. A failing
 artifact is recorded (status ``failed`` with its error) and the run goes on; Ctrl-C records the
@@ -111,8 +112,12 @@ def build(spec: ArtifactSpec, src: Path, outdir: Path, device: str) -> list[tupl
     return [(str(export_onnx(cfg)), _type_name(spec))]
 
 
-def validate(spec: ArtifactSpec, outputs: list[tuple[str, str]], src: Path, recipe: Recipe) -> list[dict]:
-    """Perplexity + parity of every output on every backend the recipe names, against the source."""
+def validate(spec: ArtifactSpec, outputs: list[tuple[str, str]], src: Path, recipe: Recipe, refs=None) -> list[dict]:
+    """Perplexity + parity of every output on every backend the recipe names, against the source.
+
+    ``refs`` (`validate.References`) keeps the source model loaded, and its greedy tokens, across
+    the artifacts of one run.
+    """
     from qwen_quant.validate import run_eval
 
     if spec.type == "gguf":
@@ -126,7 +131,7 @@ def validate(spec: ArtifactSpec, outputs: list[tuple[str, str]], src: Path, reci
         for backend in spec.backends:
             log(f"validating {Path(path).name} [{kind}] on {backend}")
             r = run_eval(path, recipe.eval, reference=src, backend=backend, device=recipe.device,
-                         ref_device=None if backend == "torch" else "cpu", artifact_type=kind)
+                         ref_device=None if backend == "torch" else "cpu", artifact_type=kind, refs=refs)
             r.extra = {**r.extra, "artifact": spec.name}
             results.append(dataclasses.asdict(r))
     return results
@@ -140,29 +145,34 @@ def _keys(spec: ArtifactSpec, src_fp: str, recipe: Recipe) -> tuple[str, str]:
     return bkey, ekey
 
 
-def _run_one(spec: ArtifactSpec, src: Path, src_fp: str, recipe: Recipe, outdir: Path, state: st.State) -> str:
+def _build_one(spec: ArtifactSpec, src: Path, src_fp: str, recipe: Recipe, outdir: Path, state: st.State) -> str:
+    """Build (or find built) one artifact: "cached" (built and validated with the same inputs) or "built"."""
     bkey, ekey = _keys(spec, src_fp, recipe)
     entry = dict(state.artifact(spec.name))
     if state.built(spec.name, bkey) and entry.get("eval_key") == ekey and entry.get("status") in ("ok", "cached"):
         log(f"[dim]skip {spec.name}: built and validated with the same inputs[/dim]")
         state.set_artifact(spec.name, {**entry, "status": "cached"})
         return "cached"
-    t0 = time.perf_counter()
     if state.built(spec.name, bkey):
         log(f"[dim]{spec.name}: already built, validating[/dim]")
-        outputs = [tuple(o) for o in entry["typed_outputs"]]
-        build_s = entry.get("build_s", 0.0)
-    else:
-        entry = {"type": spec.type, "status": "building", "build_key": bkey, "outputs": [], "results": []}
-        state.set_artifact(spec.name, entry)
-        log(f"[bold]building {spec.name}[/bold] ({spec.type})")
-        outputs = build(spec, src, outdir, recipe.device)
-        build_s = round(time.perf_counter() - t0, 2)
-        entry.update(typed_outputs=[list(o) for o in outputs], outputs=[p for p, _ in outputs], build_s=build_s,
-                     outputs_fp=st.outputs_fingerprint([p for p, _ in outputs]), status="built")
-        state.set_artifact(spec.name, entry)
+        return "built"
+    t0 = time.perf_counter()
+    entry = {"type": spec.type, "status": "building", "build_key": bkey, "outputs": [], "results": []}
+    state.set_artifact(spec.name, entry)
+    log(f"[bold]building {spec.name}[/bold] ({spec.type})")
+    outputs = build(spec, src, outdir, recipe.device)
+    entry.update(typed_outputs=[list(o) for o in outputs], outputs=[p for p, _ in outputs],
+                 build_s=round(time.perf_counter() - t0, 2), outputs_fp=st.outputs_fingerprint([p for p, _ in outputs]),
+                 status="built")
+    state.set_artifact(spec.name, entry)
+    return "built"
+
+
+def _validate_one(spec: ArtifactSpec, src: Path, src_fp: str, recipe: Recipe, state: st.State, refs) -> str:
+    _, ekey = _keys(spec, src_fp, recipe)
+    entry = dict(state.artifact(spec.name))
     t1 = time.perf_counter()
-    results = validate(spec, outputs, src, recipe)
+    results = validate(spec, [tuple(o) for o in entry["typed_outputs"]], src, recipe, refs)
     entry.update(results=results, eval_key=ekey, validate_s=round(time.perf_counter() - t1, 2), status="ok",
                  error=None, size_bytes=sum(r for _, r, _ in _sizes(entry["outputs"])))
     state.set_artifact(spec.name, entry)
@@ -187,25 +197,37 @@ def run_recipe(recipe: Recipe, cfg: RunConfig | None = None) -> Outcome:
     src = resolve_source(recipe, outdir, state)
     src_fp = st.path_fingerprint(src)
     statuses: dict[str, str] = {}
+    from qwen_quant.validate import References
+
+    refs = References()  # the source model: loaded once for all validations, after all builds
     try:
         for spec in todo:
-            try:
-                statuses[spec.name] = _run_one(spec, src, src_fp, recipe, outdir, state)
-            except KeyboardInterrupt:
-                _record_failure(state, spec, "interrupted", "interrupted (Ctrl-C); rerun to resume")
-                statuses[spec.name] = "interrupted"
-                raise
-            except Exception as err:  # noqa: BLE001 - one bad artifact must not stop the others
-                msg = str(err) if isinstance(err, QuantError) else f"{type(err).__name__}: {err}"
-                log(f"[red]{spec.name} failed:[/red] {msg}")
-                if not isinstance(err, QuantError) and os.environ.get("QWEN_QUANT_DEBUG"):
-                    traceback.print_exc()
-                _record_failure(state, spec, "failed", msg)
-                statuses[spec.name] = "failed"
+            _guarded(spec, state, statuses, lambda: _build_one(spec, src, src_fp, recipe, outdir, state))
+        for spec in todo:
+            if statuses.get(spec.name) == "built":
+                _guarded(spec, state, statuses, lambda: _validate_one(spec, src, src_fp, recipe, state, refs))
     finally:
+        refs.close()
         report = combined_report(recipe, state, src, names)
         write_reports(report, outdir, cfg.json)
     return Outcome(report=report, statuses=statuses, outdir=outdir)
+
+
+def _guarded(spec: ArtifactSpec, state: st.State, statuses: dict[str, str], step) -> None:
+    """Run one artifact's step; a failure is recorded and the run goes on, Ctrl-C is recorded and re-raised."""
+    try:
+        statuses[spec.name] = step()
+    except KeyboardInterrupt:
+        _record_failure(state, spec, "interrupted", "interrupted (Ctrl-C); rerun to resume")
+        statuses[spec.name] = "interrupted"
+        raise
+    except Exception as err:  # noqa: BLE001 - one bad artifact must not stop the others
+        msg = str(err) if isinstance(err, QuantError) else f"{type(err).__name__}: {err}"
+        log(f"[red]{spec.name} failed:[/red] {msg}")
+        if not isinstance(err, QuantError) and os.environ.get("QWEN_QUANT_DEBUG"):
+            traceback.print_exc()
+        _record_failure(state, spec, "failed", msg)
+        statuses[spec.name] = "failed"
 
 
 def _record_failure(state: st.State, spec: ArtifactSpec, status: str, msg: str) -> None:
