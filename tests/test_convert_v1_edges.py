@@ -143,6 +143,23 @@ def test_report_and_info_state_what_a_longer_context_changes(modern, weights):
     assert f"identical to v1 up to {SEQ} tokens" in line and "all positions" in line
 
 
+
+def test_report_text_follows_the_enabled_features():
+    from qwen_quant.convert.v1_report import beyond_limit, context_limit_line, conversion_report
+
+    def rep(**cfg):
+        return conversion_report(cfg, 2048, Path("src"), [], "float32", 0, {}, True, [], {})
+
+    only_logn = rep(use_logn_attn=True)
+    b = only_logn["beyond_limit"]
+    assert "ntk_alpha" not in b["prompt_longer_than_limit"] and "earlier positions are unchanged" in b["prompt_longer_than_limit"]
+    assert "1.053 at 3072, 1.091 at 4100" in b["prompt_longer_than_limit"]
+    assert "at positions after 2048" in context_limit_line(only_logn)
+    both = rep(use_dynamic_ntk=True, use_logn_attn=True)["beyond_limit"]["prompt_longer_than_limit"]
+    assert "ntk_alpha 3 up to 4096 tokens, 7 up to 8192" in both and "unchanged" not in both
+    assert beyond_limit({}, 8192)["differs"] is False and "every length" in context_limit_line(rep())
+
+
 # --- Tokenizer and chat template: the HF behaviour is kept (README "Qwen v1" says why) ------------------
 SYSTEM = "You are a helpful assistant."
 

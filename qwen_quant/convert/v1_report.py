@@ -42,13 +42,14 @@ def beyond_limit(cfg: dict, seq: int) -> dict:
     ntk_text = (f"v1 raises the rotary base (ntk_alpha {_alpha(seq + 1, seq)} up to {2 * seq} tokens, {_alpha(2 * seq + 1, seq)} "
                 f"up to {4 * seq}) for every position of the pass, the first {seq} included")
     logn_text = (f"v1 scales the queries after position {seq} by log(i)/log({seq}) ({math.log(round(1.5 * seq), seq):.3f} at "
-                 f"{round(1.5 * seq)}, {math.log(2 * seq + 4, seq):.3f} at {2 * seq + 4}); earlier positions are unchanged")
-    decode = [logn_text] if logn else []
+                 f"{round(1.5 * seq)}, {math.log(2 * seq + 4, seq):.3f} at {2 * seq + 4})")
+    decode = [logn_text + "; earlier positions are unchanged"] if logn else []
     if ntk:
         decode.append("v1 keeps the prefill's ntk_alpha (1 for a prompt that fit), so its rotary embedding stays the converted model's")
     return {
         "differs": True,
-        "prompt_longer_than_limit": "; ".join(t for t, on in ((ntk_text, ntk), (logn_text, logn)) if on),
+        "prompt_longer_than_limit": "; ".join(t for t, on in ((ntk_text, ntk), (logn_text, logn)) if on)
+                                    + ("" if ntk else "; earlier positions are unchanged"),
         "generation_past_limit_from_shorter_prompt": "; ".join(decode),
         "converted_model_past_limit": "plain rope with the fixed rope_theta (transformers does not stop at max_position_embeddings); "
                                       "not what v1 computes",
