@@ -11,6 +11,9 @@ full softmax under the constraint that unseen rows are equal), then expanded to 
 with every unseen row set to the sink row. Unseen tokens thus get the low probability the full
 softmax would have taught them, and training takes a minute instead of an hour.
 
+Hard variants (``*-outliers``, ``*-fp16overflow``) are trained fixtures passed through the exact,
+function-preserving outlier transform of `qwen_quant.testing.outliers`; they are cached the same way.
+
 Run ``python -m qwen_quant.testing.fixtures [NAME...]`` to build them ahead of time.
 """
 
@@ -55,6 +58,36 @@ FIXTURES: dict[str, FixtureSpec] = {s.name: s for s in (
 DEFAULT_FIXTURE = "qwen2-tiny-tied"
 
 
+@dataclass(frozen=True)
+class DerivedSpec:
+    """A trained fixture passed through the function-preserving transform of `outliers` (issue 16)."""
+
+    name: str
+    base: str
+    mirrors: str
+    outliers: "OutlierSpec"
+
+
+def _derived() -> dict[str, DerivedSpec]:
+    from qwen_quant.testing.outliers import OutlierSpec
+
+    return {d.name: d for d in (
+        DerivedSpec("qwen2-tiny-tied-outliers", "qwen2-tiny-tied",
+                    "Qwen2-0.5B at int4: salient activation-outlier channels (x30..300) after every norm and in the MLP",
+                    OutlierSpec()),
+        DerivedSpec("qwen2-tiny-untied-outliers", "qwen2-tiny-untied",
+                    "the MHA fixture with the same outlier channels (all four AWQ scale pairs apply)", OutlierSpec()),
+        *(DerivedSpec(f"qwen2-tiny-{kind}-fp16overflow", f"qwen2-tiny-{kind}",
+                      "Qwen2 in fp16 under the chat template: one MLP unit passes 65504 on ChatML prompts "
+                      "(intermediate + 128 zero units)", OutlierSpec(channels=0, mlp_channels=0, fp16_overflow=True))
+          for kind in ("tied", "untied")),
+    )}
+
+
+DERIVED_NAMES = ("qwen2-tiny-tied-outliers", "qwen2-tiny-untied-outliers", "qwen2-tiny-tied-fp16overflow",
+                 "qwen2-tiny-untied-fp16overflow")
+
+
 def tokenizer_dir() -> Path:
     from qwen_quant.calib import default_tokenizer_dir
 
@@ -78,16 +111,27 @@ def fixture_path(name: str = DEFAULT_FIXTURE, quiet: bool = False) -> Path:
     from qwen_quant.calib import training_texts
     from qwen_quant.errors import QuantError
 
+    if name in DERIVED_NAMES:
+        from qwen_quant.testing import outliers
+
+        d = _derived()[name]
+        base = fixture_path(d.base, quiet)
+        key = hashlib.sha256(json.dumps([base.name, asdict(d), outliers.VERSION]).encode()).hexdigest()[:12]
+        return _cached(cache_root() / f"{name}-{key}", lambda tmp: outliers.build(base, tmp, d.outliers, name))
     if name not in FIXTURES:
-        raise QuantError(f"unknown fixture {name!r}; choose one of {', '.join(FIXTURES)}")
+        raise QuantError(f"unknown fixture {name!r}; choose one of {', '.join([*FIXTURES, *DERIVED_NAMES])}")
     spec, texts = FIXTURES[name], training_texts()
-    out = cache_root() / f"{name}-{_key(spec, texts)}"
+    return _cached(cache_root() / f"{name}-{_key(spec, texts)}", lambda tmp: _build(spec, texts, tmp, quiet))
+
+
+def _cached(out: Path, build) -> Path:
+    """``out`` if built, else ``build(tmp)`` into a temporary folder renamed to ``out`` (atomic)."""
     if (out / "model.safetensors").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        _build(spec, texts, tmp, quiet)
+        build(tmp)
         try:
             os.replace(tmp, out)
         except OSError:  # another process finished first
@@ -180,7 +224,7 @@ def _expand(small, full, active) -> None:
 
 
 def main(argv: list[str]) -> int:
-    for name in argv or list(FIXTURES):
+    for name in argv or [*FIXTURES, *DERIVED_NAMES]:
         print(fixture_path(name))
     return 0
 
