@@ -107,11 +107,11 @@ def pseudo_quantize(w: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 # -- running blocks -----------------------------------------------------------------------------
 @torch.no_grad()
-def _run(lw: Layerwise, block: torch.nn.Module, x: torch.Tensor, attention: bool) -> list[torch.Tensor]:
-    """The block's output per batch (kept as a list: nothing [samples, seq, hidden]-sized is concatenated)."""
+def _run(lw: Layerwise, block: torch.nn.Module, x, attention: bool) -> list[torch.Tensor]:
+    """The block's output per batch of ``x`` (a tensor, or the list of batches as captured), kept as a
+    list: nothing [samples, seq, hidden]-sized is concatenated."""
     outs = []
-    for i in range(0, x.shape[0], lw.batch_size):
-        xb = x[i:i + lw.batch_size]
+    for xb in (x.split(lw.batch_size) if torch.is_tensor(x) else x):
         out = block(xb, position_embeddings=lw.pos_emb, attention_mask=None) if attention else block(xb)
         outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
@@ -124,7 +124,7 @@ def _sq_err(ref: list[torch.Tensor], out: list[torch.Tensor]) -> torch.Tensor:
 
 # -- scale search -------------------------------------------------------------------------------
 @torch.no_grad()
-def search_scale(lw: Layerwise, layer: torch.nn.Module, pair: ScalePair, x: torch.Tensor | None, grid: Grid,
+def search_scale(lw: Layerwise, layer: torch.nn.Module, pair: ScalePair, x, grid: Grid,
                  n_grid: int = 20, duo_scaling: bool = True, gram: torch.Tensor | None = None,
                  x_mean: torch.Tensor | None = None, tokens: int | None = None) -> torch.Tensor:
     """The per-input-channel scales [in] for ``pair`` that minimise its block's output MSE.
@@ -142,8 +142,11 @@ def search_scale(lw: Layerwise, layer: torch.nn.Module, pair: ScalePair, x: torc
     gs = grid.size(w.shape[1])
     wg = w.abs().reshape(w.shape[0], -1, gs)
     w_mean = (wg / (wg.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
-    if x_mean is None:
+    if x_mean is None and torch.is_tensor(x):
         x_mean = x.abs().float().reshape(-1, x.shape[-1]).mean(0)
+    elif x_mean is None:  # the captured batches
+        x_mean = sum(xb.abs().float().reshape(-1, xb.shape[-1]).sum(0) for xb in x) / sum(
+            xb[..., 0].numel() for xb in x)
     use_gram = gram is not None and pair.inspect is None
     if use_gram:
         n_out = orig[0].shape[0] * tokens
@@ -292,9 +295,9 @@ def quantize_layer(lw: Layerwise, layer: torch.nn.Module, hidden: torch.Tensor, 
         offset[n] += flat.shape[0]
 
     lw.capture(layer, srcs, keep, hidden)
-    inputs = {n: torch.cat(v) for n, v in feats.items()}
+    inputs = feats  # lists of captured batches (a concatenated copy would double their memory)
     sample = {n: torch.cat(v) for n, v in samples.items()}
-    del feats, samples
+    del samples
     tokens = hidden.shape[0] * hidden.shape[1]
 
     for pair in pairs:
