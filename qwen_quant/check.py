@@ -11,7 +11,7 @@ overridden by command-line flags, on top of defaults (docs/gate.md says how they
 - with a baseline: perplexity +1% (``max_ppl_increase``); mean KL may grow by 50% of the baseline's
   (``max_kl_increase``) but a growth below the absolute floor ``kl_floor`` never fails, because a
   near-lossless artifact's KL is tiny and its relative changes are noise; top-1 agreement may drop by
-  0.5 points (``max_top1_drop``);
+  0.5 points (``max_top1_drop``), and always by more than one token's worth of the scored tokens;
 - without a baseline: absolute limits per artifact class (`TYPE_DEFAULTS`, from the shipped
   fixtures): ``max_ppl_ratio``, ``max_kl`` (mean KL) and ``min_top1`` against the reference.
 
@@ -39,7 +39,7 @@ BASELINE_DEFAULTS = {"max_ppl_increase": DEFAULT_MAX_PPL_INCREASE, "max_kl_incre
 TYPE_DEFAULTS = {
     "float": {"max_ppl_ratio": 1.01, "max_kl": 0.002, "min_top1": 0.98},
     "8bit": {"max_ppl_ratio": 1.03, "max_kl": 0.01, "min_top1": 0.95},
-    "4bit": {"max_ppl_ratio": 1.15, "max_kl": 0.1, "min_top1": 0.85},
+    "4bit": {"max_ppl_ratio": 1.10, "max_kl": 0.05, "min_top1": 0.85},
     "low": {"max_ppl_ratio": 1.6, "max_kl": 0.4, "min_top1": 0.65},
 }
 # threshold -> (metric, kind): "rel"/"rel_kl"/"drop" compare with the baseline, "max"/"min" are absolute limits
@@ -159,8 +159,10 @@ def _finding(key, name: str, limit: float, lim: dict, v, bv) -> Finding | None:
             floor = lim.get("kl_floor", 0.0)
             cap = max(bv * (1 + limit), bv + floor)
             return Finding(label, key[2], metric, bv, v, f"+{limit:.0%} or +{floor:g} -> {cap:.6g}", v > cap)
-        return Finding(label, key[2], metric, bv, v, f"drop <= {limit * 100:.2g} points -> {bv - limit:.6g}",
-                       v < bv - limit)
+        n = lim.get("_tokens") or 0  # one token flip is 100/n points: a drop must be more than one flip
+        allowed = max(limit, 1.5 / n) if n else limit
+        return Finding(label, key[2], metric, bv, v, f"drop <= {allowed * 100:.2g} points -> {bv - allowed:.6g}",
+                       v < bv - allowed)
     if v is None:
         return Finding(label, key[2], metric, bv, None, f"{name} {limit:g} (metric missing)", True)
     bad = v > limit if kind == "max" else v < limit
@@ -191,7 +193,8 @@ def compare(report: dict, baseline: dict | None, cli: dict[str, float] | None = 
             _comparable(key, r, b)
         out += _metadata_findings(key, r)
         lim = _limits(key, r, report, cli, baseline is not None)
-        for name, limit in lim.items():
+        for name, limit in list(lim.items()):
+            lim["_tokens"] = min(r["metrics"].get("tokens_scored") or 0, (b or r)["metrics"].get("tokens_scored") or 0)
             if name in PARAMS:
                 continue
             metric = LIMITS[name][0]

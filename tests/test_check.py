@@ -19,7 +19,7 @@ def _res(name, kind, backend, ppl, kl=0.01, top1=0.95, sha="a" * 64):
     return {"artifact": {"path": f"/x/{name}", "format": "gptq", "type": kind, "size_bytes": 10},
             "backend": {"name": backend, "device": "cpu", "dtype": "float32", "versions": {}},
             "dataset": {"name": "shipped", "sha256": sha, "n_tokens": 100}, "ctx": 64, "ppl_method": "windows",
-            "metrics": {"perplexity": ppl, "tokens_scored": 50, "ppl_ratio": ppl / 10, "kl_mean": kl, "top1_agreement": top1},
+            "metrics": {"perplexity": ppl, "tokens_scored": 4000, "ppl_ratio": ppl / 10, "kl_mean": kl, "top1_agreement": top1},
             "wall_time_s": 1.0, "reference": None, "extra": {"artifact": name}}
 
 
@@ -168,3 +168,15 @@ def test_metadata_mismatch_fails_with_one_line(run_cli, tmp_path, base):
     lines = [ln for ln in out.splitlines() if ln.startswith("REGRESSION")]
     assert code == 1 and len(lines) == 1
     assert lines[0].startswith("REGRESSION: gguf [gguf-q8_0] on llama.cpp: metadata: gguf: eos token id [2]")
+
+
+def test_top1_drop_needs_more_than_one_token_flip(run_cli, tmp_path, base):
+    """On 100 scored tokens one flip is a whole point: the 0.5-point default cannot fail on a single flip."""
+    for r in base["results"]:
+        r["metrics"]["tokens_scored"] = 100
+    b = _write(tmp_path, "base.json", base)
+    one = copy.deepcopy(base)
+    one["results"][0]["metrics"]["top1_agreement"] = 0.94  # one token of 100
+    assert run_cli("check", _write(tmp_path, "one.json", one), "--baseline", b)[0] == 0
+    one["results"][0]["metrics"]["top1_agreement"] = 0.93  # two tokens
+    assert run_cli("check", _write(tmp_path, "two.json", one), "--baseline", b)[0] == 1

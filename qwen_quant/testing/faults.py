@@ -265,78 +265,78 @@ def _hf_config(out, rng, variant=None, **_) -> str:
 
 # ---- GGUF ---------------------------------------------------------------------------------------
 
+def _gguf_index(path: Path):
+    from qwen_quant.formats.integrity import GGUFIndex
+
+    return GGUFIndex(path)
+
+
 def _gguf_set(path: Path, key: str, value) -> None:
     """Overwrite a numeric key in place (same type, same size)."""
-    import gguf
+    import struct
 
-    r = gguf.GGUFReader(str(path), "r+")
-    f = r.get_field(key)
-    if f is None:
-        raise ValueError(f"{path} has no key {key}")
-    f.parts[f.data[0]][0] = value
-    r.data.flush()
-    del r
+    from qwen_quant.formats.integrity import GGUF_SCALAR
+
+    idx = _gguf_index(path)
+    vtype, _, start, _ = idx.kv[key]
+    idx.close()
+    with open(path, "r+b") as fh:
+        fh.seek(start)
+        fh.write(struct.pack(GGUF_SCALAR[vtype], value))
 
 
-def _gguf_rewrite(path: Path, changes: dict) -> None:
-    """Copy the GGUF with some keys replaced (strings change length, so this writes a new file)."""
-    import gguf
+def _gguf_set_string(path: Path, key: str, value: str) -> None:
+    """Replace (or add) a string key; the file is rewritten with its tensor data re-aligned."""
+    import struct
 
-    reader = gguf.GGUFReader(str(path))
+    idx = _gguf_index(path)
+    buf, enc = idx.buf, value.encode()
+    new_value = struct.pack("<Q", len(enc)) + enc
+    head = bytearray(buf[:24])
+    if key in idx.kv:
+        _, _, start, end = idx.kv[key]
+        kvs = buf[24:start] + new_value + buf[end:idx.kv_end]
+    else:
+        k = key.encode()
+        kvs = buf[24:idx.kv_end] + struct.pack("<Q", len(k)) + k + struct.pack("<I", 8) + new_value
+        struct.pack_into("<Q", head, 16, struct.unpack_from("<Q", head, 16)[0] + 1)
+    infos = buf[idx.kv_end:idx.info_end]
+    align = int(idx.get("general.alignment") or 32)
+    meta = bytes(head) + kvs + infos
     tmp = path.with_name(path.name + ".tmp")
-    arch = reader.get_field("general.architecture").contents()
-    writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
-    align = reader.get_field("general.alignment")
-    if align is not None:
-        writer.data_alignment = align.contents()
-    for field in reader.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        value = changes.pop(field.name, field.contents())
-        writer.add_key_value(field.name, value, vtype, sub_type=sub)
-    for key, (value, vtype) in changes.items():
-        writer.add_key_value(key, value, vtype)
-    for t in reader.tensors:
-        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for t in reader.tensors:
-        writer.write_tensor_data(t.data)
-    writer.close()
-    del reader
+    with open(tmp, "wb") as fh:
+        fh.write(meta + b"\0" * (-len(meta) % align))
+        fh.write(buf[idx.data_start:])
+    idx.close()
     tmp.replace(path)
 
 
 def _gguf_get(path: Path, key: str):
-    import gguf
-
-    f = gguf.GGUFReader(str(path)).get_field(key)
-    return None if f is None else f.contents()
+    idx = _gguf_index(path)
+    try:
+        return idx.get(key)
+    finally:
+        idx.close()
 
 
 def _gguf_tokenizer(out, rng, **_) -> str:
-    import gguf
-
-    r = gguf.GGUFReader(str(out), "r+")
-    f = r.get_field("tokenizer.ggml.tokens")
-    tokens = [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data]
-    pairs = _swap_pairs(tokens, rng)
-    for a, b in pairs:
-        pa, pb = f.parts[f.data[a]], f.parts[f.data[b]]
-        tmp = pa.copy()
-        pa[:] = pb
-        pb[:] = tmp
-    r.data.flush()
-    del r
+    idx = _gguf_index(out)
+    toks = idx.strings("tokenizer.ggml.tokens")
+    idx.close()
+    pairs = _swap_pairs([t.decode("utf-8", "replace") for _, t in toks], rng)
+    with open(out, "r+b") as fh:
+        for a, b in pairs:
+            (oa, ta), (ob, tb) = toks[a], toks[b]
+            fh.seek(oa)
+            fh.write(tb)
+            fh.seek(ob)
+            fh.write(ta)
     return f"{len(pairs)} token pairs swapped in tokenizer.ggml.tokens"
 
 
 def _gguf_pretokenizer(out, rng, **_) -> str:
     pre = rng.choice([p for p in OTHER_PRE if p != _gguf_get(out, "tokenizer.ggml.pre")])
-    _gguf_rewrite(out, {"tokenizer.ggml.pre": pre})
+    _gguf_set_string(out, "tokenizer.ggml.pre", pre)
     return f"tokenizer.ggml.pre set to {pre}"
 
 
@@ -347,13 +347,7 @@ def _gguf_special_tokens(out, rng, **_) -> str:
 
 
 def _gguf_template(out, rng, **_) -> str:
-    import gguf
-
-    tmpl = rng.choice(OTHER_TEMPLATES)
-    if _gguf_get(out, "tokenizer.chat_template") is None:
-        _gguf_rewrite(out, {"tokenizer.chat_template": (tmpl, gguf.GGUFValueType.STRING)})
-    else:
-        _gguf_rewrite(out, {"tokenizer.chat_template": tmpl})
+    _gguf_set_string(out, "tokenizer.chat_template", rng.choice(OTHER_TEMPLATES))
     return "tokenizer.chat_template replaced by another family's"
 
 
@@ -388,24 +382,27 @@ def _gguf_numeric(out, rng, strength=0.1, **_) -> str:
     """Noise on one 2-D tensor: F32/F16 values, or the fp16 scale ``d`` of every block of a quantized one."""
     import gguf
 
-    r = gguf.GGUFReader(str(out), "r+")
-    cands = [t for t in r.tensors if t.name.startswith("blk.") and len(t.shape) == 2
-             and (t.tensor_type.name in _D_OFFSET or t.tensor_type.name in ("F32", "F16"))]
-    t = rng.choice(sorted(cands, key=lambda x: x.name))
-    qname = t.tensor_type.name
+    idx = _gguf_index(out)
+    names = {int(t): t.name for t in gguf.GGMLQuantizationType}
+    cands = sorted((t for t in idx.tensors if t[0].startswith("blk.") and len(t[1]) == 2
+                    and names.get(t[2]) in {*_D_OFFSET, "F32", "F16"}), key=lambda t: t[0])
+    name, dims, ttype, off = rng.choice(cands)
+    start, nbytes, qname = idx.data_start + off, idx.nbytes(dims, ttype), names[ttype]
+    idx.close()
+    raw = np.memmap(out, dtype=np.uint8, mode="r+", offset=start, shape=(nbytes,))
     if qname in ("F32", "F16"):
-        v = t.data
-        v[...] = (v.astype(np.float32) * _noise(rng, v.shape, strength)).astype(v.dtype)
+        v = raw.view(np.float32 if qname == "F32" else np.float16)
+        v[:] = (v.astype(np.float32) * _noise(rng, v.shape, strength)).astype(v.dtype)
     else:
-        size = gguf.GGML_QUANT_SIZES[t.tensor_type][1]  # bytes per block
-        raw = t.data.reshape(-1).view(np.uint8).reshape(-1, size)
-        off = _D_OFFSET[qname]
-        d = raw[:, off:off + 2].copy().view(np.float16).reshape(-1)
+        size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)][1]  # bytes per block
+        blocks = raw.reshape(-1, size)
+        o = _D_OFFSET[qname]
+        d = np.ascontiguousarray(blocks[:, o:o + 2]).view(np.float16).reshape(-1)
         d = (d.astype(np.float32) * _noise(rng, d.shape, strength)).astype(np.float16)
-        raw[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
-    r.data.flush()
-    del r
-    return f"{t.name} ({qname}) scaled by 1 + {strength:g} * N(0, 1)"
+        blocks[:, o:o + 2] = d.view(np.uint8).reshape(-1, 2)
+    raw.flush()
+    del raw
+    return f"{name} ({qname}) scaled by 1 + {strength:g} * N(0, 1)"
 
 
 def _gguf_truncate(out, rng, **_) -> str:

@@ -98,26 +98,26 @@ def source_specials(ref: Path, tok) -> dict[str, set[int]]:
 # ---- each runtime's view ------------------------------------------------------------------------
 
 def gguf_view(path: Path, paragraphs: list[str]) -> dict[str, Any]:
-    import gguf
-
     from qwen_quant.backends.llamacpp import tokenize_vocab_only
+    from qwen_quant.formats.integrity import GGUFIndex
 
-    r = gguf.GGUFReader(str(path))
-
-    def get(key):
-        f = r.get_field(key)
-        return None if f is None else f.contents()
-
-    arch = get("general.architecture") or "qwen2"
-    kind = get(f"{arch}.rope.scaling.type")
+    idx = GGUFIndex(path)  # gguf-py's reader parses the whole vocabulary into numpy objects: seconds
+    try:
+        get = idx.get
+        arch = get("general.architecture") or "qwen2"
+        kind = get(f"{arch}.rope.scaling.type")
+        view = {"where": "GGUF keys, llama.cpp's tokenizer",
+                "context_length": get(f"{arch}.context_length"), "rope_theta": get(f"{arch}.rope.freq_base"),
+                "rope_scaling": ("none", 1.0) if kind in (None, "none") else (kind, float(get(f"{arch}.rope.scaling.factor") or 1.0)),
+                "rms_eps": get(f"{arch}.attention.layer_norm_rms_epsilon"),
+                "bos": get("tokenizer.ggml.bos_token_id"), "eos": get("tokenizer.ggml.eos_token_id"),
+                "pad": get("tokenizer.ggml.padding_token_id"), "template": get("tokenizer.chat_template"),
+                "pre": get("tokenizer.ggml.pre")}
+    finally:
+        idx.close()
     ids = tokenize_vocab_only(path, paragraphs + list(SPECIAL_TEXT), special=True)
-    return {"where": "GGUF keys (gguf-py) and llama.cpp's tokenizer",
-            "context_length": get(f"{arch}.context_length"), "rope_theta": get(f"{arch}.rope.freq_base"),
-            "rope_scaling": ("none", 1.0) if kind in (None, "none") else (kind, float(get(f"{arch}.rope.scaling.factor") or 1.0)),
-            "rms_eps": get(f"{arch}.attention.layer_norm_rms_epsilon"),
-            "bos": get("tokenizer.ggml.bos_token_id"), "eos": get("tokenizer.ggml.eos_token_id"),
-            "pad": get("tokenizer.ggml.padding_token_id"), "template": get("tokenizer.chat_template"),
-            "tokens": ids[: len(paragraphs)], "special_ids": ids[len(paragraphs):], "pre": get("tokenizer.ggml.pre")}
+    view["tokens"], view["special_ids"] = ids[: len(paragraphs)], ids[len(paragraphs):]
+    return view
 
 
 def _folder_tokenizer(folder: Path, paragraphs: list[str], view: dict) -> None:
@@ -206,15 +206,18 @@ def _tokenizer_checks(name: str, view: dict, ref_tok, paragraphs: list[str]) -> 
     return out
 
 
-def metadata_parity(artifact, reference, data: str = "shipped") -> dict[str, Any]:
-    """``{ok, checks}`` for ``artifact`` against the HF checkpoint ``reference`` (see module docstring)."""
+def metadata_parity(artifact, reference, data: str = "shipped", ref_tok=None) -> dict[str, Any]:
+    """``{ok, checks}`` for ``artifact`` against the HF checkpoint ``reference`` (see module docstring).
+
+    ``ref_tok``: the source's tokenizer when already loaded (`run_eval` has it: the ids every backend is fed).
+    """
     from qwen_quant.models.loader import load_config, load_tokenizer, resolve_model
 
     p, ref = Path(artifact), resolve_model(reference)
     kind = artifact_kind(p)
     name = p.name
     paragraphs = eval_paragraphs(data)
-    ref_tok = load_tokenizer(ref)
+    ref_tok = ref_tok or load_tokenizer(ref)
     ref_cfg = load_config(ref)
     view = VIEWS[kind](p, paragraphs)
     where = view["where"]
@@ -247,14 +250,18 @@ def metadata_parity(artifact, reference, data: str = "shipped") -> dict[str, Any
         if got is None or exp is None:
             continue
         ok = _same(got, exp)
-        checks.append(_check(key, ok, exp, got, "" if ok else f"{name}: {key} is {_plain(got)} in {where.split(',')[0]} "
-                             f"but {_plain(exp)} in the source; the runtime would run another model, re-export it"))
+        checks.append(_check(key, ok, exp, got, "" if ok else f"{name}: {key} is {_short(got)} in {where.split(',')[0]} "
+                             f"but {_short(exp)} in the source; the runtime would run another model, re-export it"))
 
     if kind == "hf" and (_read_json(p / "config.json").get("quantization_config") or {}).get("quant_method") == "gptq":
         from qwen_quant.formats.integrity import gidx_convention
 
         checks.append(gidx_convention(p, _read_json(p / "config.json")))
     return {"ok": all(c["ok"] for c in checks), "checks": checks, "read_from": where}
+
+
+def _short(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(_plain(v))
 
 
 def _same(a, b) -> bool:
