@@ -7,7 +7,9 @@ from pathlib import Path
 from qwen_quant.backends.base import Backend
 from qwen_quant.errors import QuantError
 
-BACKENDS = ("torch", "llama.cpp", "onnxruntime")
+BACKENDS = ("torch", "llama.cpp", "onnxruntime", "vllm")
+#: backends that can load each artifact kind besides its natural one (HF checkpoints: vLLM, in its own venv)
+ALSO = {"hf": ("vllm",)}
 
 
 def artifact_kind(artifact: str | Path) -> str:
@@ -40,8 +42,9 @@ def open_backend(artifact, backend: str | None = None, device: str = "auto", dty
     if kind == "gguf" and not p.is_file():
         raise QuantError(f"{p} is not a file; pass a .gguf file")
     wanted = {"gguf": "llama.cpp", "onnx": "onnxruntime", "hf": "torch"}[kind]
-    if backend != wanted:
-        raise QuantError(f"backend {backend!r} cannot load a {kind} artifact ({p}); use --backend {wanted}")
+    if backend != wanted and backend not in ALSO.get(kind, ()):
+        raise QuantError(f"backend {backend!r} cannot load a {kind} artifact ({p}); use --backend "
+                         + " or ".join((wanted, *ALSO.get(kind, ()))))
     if backend == "torch":
         from qwen_quant.backends.torch_backend import TorchBackend
 
@@ -50,6 +53,10 @@ def open_backend(artifact, backend: str | None = None, device: str = "auto", dty
         from qwen_quant.backends.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend(p, device=device)
+    if backend == "vllm":
+        from qwen_quant.backends.vllm import VllmBackend
+
+        return VllmBackend(p, device=device, dtype=dtype)
     if backend == "onnxruntime":
         from qwen_quant.backends.onnxrt import OrtBackend
 

@@ -40,9 +40,9 @@ FIXTURE_PREFIX = "fixture:"
 
 # artifact type -> (config class, fixed fields, backends it can be validated on)
 ARTIFACT_TYPES: dict[str, tuple[type, dict, tuple[str, ...]]] = {
-    "gptq": (QuantConfig, {"method": "gptq"}, ("torch",)),
-    "rtn": (QuantConfig, {"method": "rtn"}, ("torch",)),
-    "awq": (QuantConfig, {"method": "awq", "format": "awq", "sym": False}, ("torch",)),
+    "gptq": (QuantConfig, {"method": "gptq"}, ("torch", "vllm")),  # vllm: opt-in, scripts/setup-vllm.sh
+    "rtn": (QuantConfig, {"method": "rtn"}, ("torch", "vllm")),
+    "awq": (QuantConfig, {"method": "awq", "format": "awq", "sym": False}, ("torch", "vllm")),
     "gguf": (GGUFExportConfig, {}, ("llama.cpp",)),
     "onnx": (OnnxExportConfig, {}, ("onnxruntime",)),
 }

@@ -294,6 +294,11 @@ def run_eval(artifact, cfg: EvalConfig, reference=None, backend: str | None = No
             ctx=cfg.ctx, ppl_method=cfg.method, metrics=metrics, wall_time_s=round(time.perf_counter() - t0, 3),
             phases=phases, notes=notes,
         )
+        # fp16 runs: reference activation peaks + fp16 parity on chat prompts (issue 15): validate/overflow.py
+        if test_b is not None and ref_b is not None:
+            from qwen_quant.validate.overflow import annotate_fp16
+
+            annotate_fp16(result, test_b, ref_b, tok)
         return result
     finally:
         if test_b is not None:
