@@ -131,6 +131,15 @@ def _folder_tokenizer(folder: Path, paragraphs: list[str], view: dict) -> None:
     view["tokens"] = tok(paragraphs, add_special_tokens=False)["input_ids"]
     view["special_ids"] = tok(list(SPECIAL_TEXT), add_special_tokens=False)["input_ids"]
     view["template"] = getattr(tok, "chat_template", None)
+    raw = folder / "tokenizer.json"
+    if raw.is_file():  # read literally, as onnxruntime-genai and the tokenizers library do (transformers 5
+        from tokenizers import Tokenizer  # rebuilds Qwen2's pre-tokenizer in code and ignores the file's)
+
+        try:
+            enc = Tokenizer.from_file(str(raw)).encode_batch(paragraphs, add_special_tokens=False)
+            view["tokens_file"] = [e.ids for e in enc]
+        except Exception as err:
+            view["tokenizer_error"] = f"tokenizer.json: {type(err).__name__}: {str(err)[:120]}"
 
 
 def onnx_view(path: Path, paragraphs: list[str]) -> dict[str, Any]:
@@ -191,11 +200,15 @@ def _tokenizer_checks(name: str, view: dict, ref_tok, paragraphs: list[str]) -> 
         return [_check("tokenizer", False, "the source's tokenizer", "unreadable", f"{name}: the tokenizer files do not "
                        f"load ({view['tokenizer_error']}); copy the source model's tokenizer files")]
     want = ref_tok(paragraphs, add_special_tokens=False)["input_ids"]
-    diff = [i for i, (a, b) in enumerate(zip(view["tokens"], want)) if list(a) != list(b)]
-    out = [_check("tokenizer ids", not diff, f"{len(paragraphs)} eval paragraphs as the source tokenizes them",
-                  f"{len(diff)} differ" + (f" (pre-tokenizer {view['pre']})" if view.get("pre") else ""),
-                  "" if not diff else f"{name}: {len(diff)} of {len(paragraphs)} eval paragraphs tokenize differently "
-                  f"from the source (first: {paragraphs[diff[0]][:30]!r}); ship the source's tokenizer")]
+    out = []
+    for check, key, how in (("tokenizer ids", "tokens", ""), ("tokenizer.json ids", "tokens_file", " (tokenizer.json read literally, as onnxruntime-genai does)")):
+        if key not in view:
+            continue
+        diff = [i for i, (a, b) in enumerate(zip(view[key], want)) if list(a) != list(b)]
+        out.append(_check(check, not diff, f"{len(paragraphs)} eval paragraphs as the source tokenizes them",
+                          f"{len(diff)} differ" + (f" (pre-tokenizer {view['pre']})" if view.get("pre") else ""),
+                          "" if not diff else f"{name}: {len(diff)} of {len(paragraphs)} eval paragraphs tokenize "
+                          f"differently{how} from the source (first: {paragraphs[diff[0]][:30]!r}); ship the source's tokenizer"))
     for text, got in zip(SPECIAL_TEXT, view["special_ids"]):
         ref_id = ref_tok.convert_tokens_to_ids(text)
         if ref_id is None or ref_id == getattr(ref_tok, "unk_token_id", None):
