@@ -51,6 +51,8 @@ gpu() {
   python3 -m pip install -q --no-index --no-deps --target /tmp/bdeps "$DIR"/wheels/*.whl
   python3 -m pip install -q --no-index --no-deps --target /tmp/proj .device-wheels/project/*.whl
   export PYTHONPATH=/tmp/lcpp:/tmp/proj:/tmp/bdeps:$(pwd)
+  export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}  # libcudart/libcublas for libggml-cuda
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   # the float GGUF needs only gguf + torch: write it while llama.cpp compiles
   python3 bench/llamacpp_cuda.py make-f16 --shape "${SHAPE:-qwen1.5-7b}" --out /tmp/m/model-f16.gguf > "$out/make-f16.log" 2>&1 &
   local maker=$!
@@ -63,6 +65,7 @@ gpu() {
   echo "llama-cpp-python CUDA build: ${build_s}s"
   wait $maker || { cat "$out/make-f16.log"; exit 3; }
   tail -3 "$out/make-f16.log"
+  echo "model ready at ${SECONDS}s"
   python3 bench/llamacpp_cuda.py run --shape "${SHAPE:-qwen1.5-7b}" --f16 /tmp/m/model-f16.gguf --build-seconds "$build_s" \
     --json "$out/llamacpp-cuda.json" "$@"
   echo "total ${SECONDS}s (started $t0)"
