@@ -64,9 +64,11 @@ def _model_dir(shape: str, tmp: Path) -> Path:
 def _random_tensors(shape: str, seed: int = 0):
     """(HF name, fp16 numpy) of a random Qwen2 of ``shape``, made on the GPU when there is one.
 
-    Linear weights N(0, 0.02) like HF's init, norms 1, biases N(0, 0.02); lm_head N(0, 0.06) so the
-    next-token distributions are peaked (logit std ~4), not flat: a flat distribution would make
-    top-1 agreement a coin toss and hide a broken runtime.
+    Linear weights N(0, 0.02) like HF's init, with the residual-writing ones (o_proj, down_proj) scaled
+    by 1/sqrt(2 x layers) (GPT-2's init) so 32 random layers do not amplify rounding differences
+    chaotically; token embeddings N(0, 1), so the residual stream carries the token; norms 1, biases
+    N(0, 0.02); lm_head N(0, 4/sqrt(hidden)) so the next-token distributions are peaked (logit std ~4),
+    not flat: a flat distribution would make top-1 agreement a coin toss and hide a broken runtime.
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -82,7 +84,8 @@ def _random_tensors(shape: str, seed: int = 0):
         if name.endswith("norm.weight"):
             t = torch.ones(shp, dtype=torch.float16)
         else:
-            std = 4.0 / math.sqrt(h) if name == "lm_head.weight" else 0.02
+            std = 4.0 / math.sqrt(h) if name == "lm_head.weight" else 1.0 if name.endswith("embed_tokens.weight") \
+                else 0.02 / math.sqrt(2 * layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
             t = (torch.randn(shp, device=dev, generator=g, dtype=torch.float32) * std).half()
         yield name, t.cpu().numpy()
 
