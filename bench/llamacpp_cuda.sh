@@ -51,6 +51,10 @@ gpu() {
   python3 -m pip install -q --no-index --no-deps --target /tmp/bdeps "$DIR"/wheels/*.whl
   python3 -m pip install -q --no-index --no-deps --target /tmp/proj .device-wheels/project/*.whl
   export PYTHONPATH=/tmp/lcpp:/tmp/proj:/tmp/bdeps:$(pwd)
+  # the Qwen2 tokenizer: ../shared/fixtures when it travels, else the carried copy
+  if [ -z "${QWEN_QUANT_TOKENIZER:-}" ] && [ ! -f ../shared/fixtures/qwen2-tokenizer/tokenizer.json ]; then
+    export QWEN_QUANT_TOKENIZER=$(pwd)/.device-wheels/qwen2-tokenizer
+  fi
   export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}  # libcudart/libcublas for libggml-cuda
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   # the float GGUF needs only gguf + torch: write it while llama.cpp compiles
