@@ -282,6 +282,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model = build(a.shape, a.layers, work / a.shape, a.device)
+    if a.device == "cuda":
+        torch.cuda.empty_cache()  # the tools' subprocesses get the whole GPU
     build_s = round(time.perf_counter() - t0, 1)
     tok = load_tokenizer(model)  # the built checkpoint carries the Qwen2 tokenizer files
     sizes = [(a.nsamples, a.seqlen)]
