@@ -278,14 +278,14 @@ def check(
     max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Largest allowed mean KL divergence from the reference."),
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Smallest allowed top-1 agreement with the reference (0..1)."),
     max_kl_increase: Optional[str] = typer.Option(None, "--max-kl-increase", help="Allowed mean-KL growth over the baseline, e.g. 50% (the default)."),
-    kl_floor: Optional[float] = typer.Option(None, "--kl-floor", help="KL growth below this absolute amount never fails (default 0.001)."),
+    kl_floor: Optional[float] = typer.Option(None, "--kl-floor", help="KL growth below this absolute amount never fails (default 0.0002)."),
     max_top1_drop: Optional[float] = typer.Option(None, "--max-top1-drop", help="Allowed top-1 agreement drop below the baseline, in points (default 0.5)."),
     update_baseline: bool = typer.Option(False, "--update-baseline", help="Write REPORT over the --baseline file instead of checking."),
 ) -> None:
     """CI gate: exit 1 if any artifact/backend regressed against the baseline or the limits, 0 otherwise.
 
     Limits come from the recipe (thresholds, carried in the report) unless given here, on top of
-    defaults (docs/gate.md): with a baseline, perplexity +1%, mean KL +50% (growth under 0.001 never
+    defaults (docs/gate.md): with a baseline, perplexity +1%, mean KL +50% (growth under 0.0002 never
     fails) and top-1 -0.5 points; without one, absolute limits per artifact class. A failed metadata
     check (tokenizer, special ids, chat template, rope/eps/context) fails too. Exit 2 on unusable
     input: missing or invalid files, a baseline measured on other data, or nothing to check.

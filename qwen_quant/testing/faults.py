@@ -14,7 +14,7 @@ template       another model family's chat template                         meta
 rope           rope theta changed (GGUF key, config.json)                   metadata (exit 1)
 eps            rms eps changed                                              metadata (exit 1)
 context        context length changed (GGUF key, genai_config, config.json) metadata (exit 1)
-numeric        small multiplicative noise on one weight's scales/values     metrics (exit 1)
+numeric        x(1 + 0.15 N(0,1)) on one layer's weight scales (or values)  metrics (exit 1)
 truncate       the largest file cut short                                   unusable (exit 2)
 config         config contradicts tensors (bits, group size, vocab, tied/    unusable (exit 2)
                lm_head, intermediate size, scales shape; GGUF/genai shapes)
@@ -65,7 +65,7 @@ def artifact_type(src: Path) -> str:
 
 
 def plant(src: str | Path, fault: str, out: str | Path, seed: int = 0, variant: str | None = None,
-          strength: float = 0.1) -> Fault:
+          strength: float = 0.15) -> Fault:
     """Copy ``src`` to ``out`` and plant ``fault`` (see the table above) in the copy."""
     if fault not in EXPECT:
         raise ValueError(f"unknown fault {fault!r}; one of {', '.join(FAULTS)}")
@@ -213,16 +213,19 @@ def _hf_save(f: Path, sd) -> None:
     save_file(sd, str(f), metadata={"format": "pt"})
 
 
-def _hf_numeric(out, rng, strength=0.1, **_) -> str:
+def _hf_numeric(out, rng, strength=0.15, **_) -> str:
+    """Noise on the scales of every quantized linear of one decoder layer (a layer's worth of bad weights)."""
     f, sd = _hf_tensors(out)
-    names = sorted(k for k in sd if k.endswith((".scales", ".weight_scale")) and "layers." in k)
+    layers = sorted({k.split(".")[2] for k in sd if k.startswith("model.layers.")}, key=int)
+    layer = rng.choice(layers)
+    names = sorted(k for k in sd if k.startswith(f"model.layers.{layer}.") and k.endswith((".scales", ".weight_scale")))
     if not names:
-        names = sorted(k for k in sd if k.endswith(".weight") and sd[k].ndim == 2 and "layers." in k)
-    name = rng.choice(names)
-    t = sd[name]
-    sd[name] = (t.astype(np.float32) * _noise(rng, t.shape, strength)).astype(t.dtype)
+        names = sorted(k for k in sd if k.startswith(f"model.layers.{layer}.") and k.endswith(".weight") and sd[k].ndim == 2)
+    for name in names:
+        t = sd[name]
+        sd[name] = (t.astype(np.float32) * _noise(rng, t.shape, strength)).astype(t.dtype)
     _hf_save(f, sd)
-    return f"{name} scaled by 1 + {strength:g} * N(0, 1)"
+    return f"layer {layer}: {len(names)} scale tensors x (1 + {strength:g} * N(0, 1))"
 
 
 def _hf_truncate(out, rng, **_) -> str:
@@ -378,31 +381,33 @@ def _gguf_context(out, rng, **_) -> str:
 _D_OFFSET = {"Q4_0": 0, "Q4_1": 0, "Q5_0": 0, "Q5_1": 0, "Q8_0": 0, "Q4_K": 0, "Q5_K": 0, "Q2_K": 80, "Q3_K": 108, "Q6_K": 208}
 
 
-def _gguf_numeric(out, rng, strength=0.1, **_) -> str:
-    """Noise on one 2-D tensor: F32/F16 values, or the fp16 scale ``d`` of every block of a quantized one."""
+def _gguf_numeric(out, rng, strength=0.15, **_) -> str:
+    """Noise on every 2-D tensor of one block: F32/F16 values, or the fp16 scale ``d`` of each quantized block."""
     import gguf
 
     idx = _gguf_index(out)
     names = {int(t): t.name for t in gguf.GGMLQuantizationType}
-    cands = sorted((t for t in idx.tensors if t[0].startswith("blk.") and len(t[1]) == 2
+    blocks = sorted({t[0].split(".")[1] for t in idx.tensors if t[0].startswith("blk.")}, key=int)
+    blk = rng.choice(blocks)
+    cands = sorted((t for t in idx.tensors if t[0].startswith(f"blk.{blk}.") and len(t[1]) == 2
                     and names.get(t[2]) in {*_D_OFFSET, "F32", "F16"}), key=lambda t: t[0])
-    name, dims, ttype, off = rng.choice(cands)
-    start, nbytes, qname = idx.data_start + off, idx.nbytes(dims, ttype), names[ttype]
+    spans = [(idx.data_start + off, idx.nbytes(dims, ttype), names[ttype], ttype) for _, dims, ttype, off in cands]
     idx.close()
-    raw = np.memmap(out, dtype=np.uint8, mode="r+", offset=start, shape=(nbytes,))
-    if qname in ("F32", "F16"):
-        v = raw.view(np.float32 if qname == "F32" else np.float16)
-        v[:] = (v.astype(np.float32) * _noise(rng, v.shape, strength)).astype(v.dtype)
-    else:
-        size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)][1]  # bytes per block
-        blocks = raw.reshape(-1, size)
-        o = _D_OFFSET[qname]
-        d = np.ascontiguousarray(blocks[:, o:o + 2]).view(np.float16).reshape(-1)
-        d = (d.astype(np.float32) * _noise(rng, d.shape, strength)).astype(np.float16)
-        blocks[:, o:o + 2] = d.view(np.uint8).reshape(-1, 2)
-    raw.flush()
-    del raw
-    return f"{name} ({qname}) scaled by 1 + {strength:g} * N(0, 1)"
+    for start, nbytes, qname, ttype in spans:
+        raw = np.memmap(out, dtype=np.uint8, mode="r+", offset=start, shape=(nbytes,))
+        if qname in ("F32", "F16"):
+            v = raw.view(np.float32 if qname == "F32" else np.float16)
+            v[:] = (v.astype(np.float32) * _noise(rng, v.shape, strength)).astype(v.dtype)
+        else:
+            size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)][1]  # bytes per block
+            b = raw.reshape(-1, size)
+            o = _D_OFFSET[qname]
+            d = np.ascontiguousarray(b[:, o:o + 2]).view(np.float16).reshape(-1)
+            d = (d.astype(np.float32) * _noise(rng, d.shape, strength)).astype(np.float16)
+            b[:, o:o + 2] = d.view(np.uint8).reshape(-1, 2)
+        raw.flush()
+        del raw
+    return f"blk.{blk}: {len(spans)} tensors x (1 + {strength:g} * N(0, 1))"
 
 
 def _gguf_truncate(out, rng, **_) -> str:
@@ -449,26 +454,30 @@ def _onnx_context(out, rng, **_) -> str:
     return f"genai_config.json context_length x{f}"
 
 
-def _onnx_numeric(out, rng, strength=0.1, **_) -> str:
+def _onnx_numeric(out, rng, strength=0.15, **_) -> str:
+    """Noise on seven weight-scale (or fp weight) initializers: a decoder layer's worth (graph names are anonymous)."""
     import onnx
     from onnx import numpy_helper
 
     path = out / "model.onnx"
     model = onnx.load(str(path))
     external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
-    cands = sorted((i for i in model.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-                    and len(i.dims) >= 1 and int(np.prod(i.dims)) >= 256 and "embed" not in i.name), key=lambda i: i.name)
-    init = rng.choice(cands)
-    arr = numpy_helper.to_array(init)
-    new = numpy_helper.from_array((arr.astype(np.float32) * _noise(rng, arr.shape, strength)).astype(arr.dtype), init.name)
-    init.CopyFrom(new)
+    floats = [i for i in model.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+              and len(i.dims) == 2 and int(np.prod(i.dims)) >= 256 and "embed" not in i.name]
+    scales = [i for i in floats if i.name.endswith("_scales")]
+    cands = sorted(scales or floats, key=lambda i: i.name)
+    picked = rng.sample(cands, min(7, len(cands)))
+    for init in picked:
+        arr = numpy_helper.to_array(init)
+        init.CopyFrom(numpy_helper.from_array((arr.astype(np.float32) * _noise(rng, arr.shape, strength)).astype(arr.dtype),
+                                              init.name))
     if external:
         for f in out.glob("*.data"):
             f.unlink()
         onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
     else:
         onnx.save(model, str(path))
-    return f"initializer {init.name} scaled by 1 + {strength:g} * N(0, 1)"
+    return f"{len(picked)} initializers x (1 + {strength:g} * N(0, 1))"
 
 
 def _onnx_truncate(out, rng, **_) -> str:
