@@ -5,6 +5,7 @@ Driven by ``bench/llamacpp_cuda.sh`` (which builds llama-cpp-python with CUDA on
     python bench/llamacpp_cuda.py make-f16 --shape qwen1.5-7b --out /tmp/m/model-f16.gguf
     python bench/llamacpp_cuda.py run --f16 /tmp/m/model-f16.gguf --json out.json     # exit 1 on a parity failure
     python bench/llamacpp_cuda.py smoke [--inject-garbage]                              # CPU only, < 1 minute
+    python bench/llamacpp_cuda.py table out.json                                        # the docs/benchmarks.md section
 
 The model is 7B-shaped with random weights, written straight to a float GGUF by our writer's metadata,
 vocabulary and tensor-name code (no 15 GB safetensors detour) and quantized by our quantizer
@@ -270,6 +271,8 @@ def run(args) -> int:
               f"prompt {e['prompt_tokens_per_s']} tok/s  decode {e['decode_tokens_per_s']} tok/s  load {r.phases['load']:.1f}s")
     print(f"CUDA vs CPU: KL mean {m['kl_mean']:.3g}  p99 {m['kl_p99']:.3g}  top-1 {m['top1_agreement']:.4f}  "
           f"greedy exact {m.get('greedy_exact')}/{m.get('greedy_prompts')}")
+    if args.json:
+        print("\n" + table(args.json) + "\n")
     if why:
         print("PARITY FAILED: " + "; ".join(why), file=sys.stderr)
         return 1
@@ -284,6 +287,29 @@ def _gpu_name() -> str | None:
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001 - the report just leaves it out
         return None
+
+
+def table(path: str) -> str:
+    """The docs/benchmarks.md section for a report written by ``run --json``."""
+    rep = json.loads(Path(path).read_text())
+    e, rows = rep["extra"], {r["extra"]["row"]: r for r in rep["results"]}
+    test = next(r for k, r in rows.items() if k != "cpu")
+    m = test["metrics"]
+    out = [f"Device: {e.get('gpu') or 'CPU only'}, llama-cpp-python {test['backend']['versions'].get('llama_cpp_python')} "
+           f"built there with CUDA in {e.get('build_seconds')} s; {e['shape']}-shaped random model, {e['qtype']} "
+           f"(quantized in {e['quantize_seconds']} s), {e['threads']} CPU threads, ctx {test['ctx']}, "
+           f"{m['tokens_scored']} scored tokens, {m.get('greedy_prompts')} prompts x {m.get('greedy_tokens')} greedy tokens.",
+           "", "| row | device | prompt tokens/s | decode tokens/s | load s | perplexity |", "|---|---|---|---|---|---|"]
+    for label, r in rows.items():
+        x = r["extra"]
+        out.append(f"| llama.cpp {label} | {r['backend']['device']} | {x['prompt_tokens_per_s']} | {x['decode_tokens_per_s']} | "
+                   f"{r['phases']['load']} | {r['metrics']['perplexity']:.6g} |")
+    out += ["", f"CUDA vs CPU (same GGUF): KL mean {m['kl_mean']:.3g}, p99 {m['kl_p99']:.3g}, max {m['kl_max']:.3g}; "
+            f"top-1 agreement {m['top1_agreement']:.4f}; greedy exact {m.get('greedy_exact')}/{m.get('greedy_prompts')}, "
+            f"prefix mean {m.get('greedy_prefix_mean')}; perplexity ratio {m['perplexity'] / m['ref_perplexity']:.5f}. "
+            f"Parity check ({', '.join(f'{k} {v}' for k, v in e['limits'].items())}): "
+            f"{'passed' if e['parity_ok'] else 'FAILED: ' + '; '.join(e['parity_failures'])}."]
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -307,7 +333,11 @@ def main(argv=None) -> int:
         sp.add_argument("--cpu-only", dest="cuda", action="store_false", help="both rows on the CPU (no CUDA build)")
         if sp.prog.endswith("run"):
             sp.add_argument("--f16", required=True)
+    sub.add_parser("table", help="print the docs/benchmarks.md section of a --json report").add_argument("report")
     a = p.parse_args(argv)
+    if a.cmd == "table":
+        print(table(a.report))
+        return 0
     if a.cmd == "make-f16":
         make_f16(a.shape, Path(a.out))
         return 0
