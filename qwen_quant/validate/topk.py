@@ -12,7 +12,8 @@ objects: ~150k per position, gigabytes per window at Qwen's vocabulary, so it is
   and ``q_rest = 1 - sum_S q``. Merging outcomes never increases a KL divergence (log-sum inequality),
   so KL_k is a lower bound of the exact KL; the gap is the divergence *inside* the rest bin, weighted by
   its mass. `from_dense` makes the same top-k view from full logits, so the gap is measured on the
-  fixtures with the torch backend (tests/test_vllm.py; README "vLLM backend" gives the numbers).
+  fixtures with the torch backend (tests/test_vllm.py): on an int4-RTN copy of qwen2-tiny-untied the
+  top-k KL is lower than the exact one by 68% (k=1), 40% (k=5), 14% (k=20) and 3.6% (k=100).
 
 `TopKLogprobs` stands in for a [batch, seq, vocab] logits array: it is indexed on the leading axes like
 one, and `qwen_quant.validate.metrics.window_scores` hands it to `window_scores` here instead of doing
