@@ -8,6 +8,9 @@ both perplexities, on the device), greedy parity over ``--prompts`` x ``--greedy
 and the raw bf16 forward throughput of the two models over the same windows (decoder + lm_head on
 the scored half, which is what any scorer must compute; and decoder + one position, the bare floor).
 
+Part ``split`` (2 GPUs): the 7B-shaped reference written to disk, loaded split over ``--device
+cuda:0,1`` (accelerate places whole layers) and on one GPU; greedy tokens of both must be equal.
+
 Part ``72b`` (Qwen2-72B layer shape, streamed): ``--layers`` decoder layers of a reference and of an
 artifact (the same 5%-noise bf16 copy, written as its own checkpoint) are written to disk, then
 `evaluate_streamed` runs over ``--tokens`` tokens; per-layer wall time and peak GPU memory are
@@ -17,6 +20,7 @@ The files were just written, so reads come mostly from the page cache; a cold di
 
     python bench/eval_gpu.py --part 7b --out $OUT/eval-7b.json
     python bench/eval_gpu.py --part 72b --layers 10 --out $OUT/eval-72b.json
+    python bench/eval_gpu.py --part split --device cuda:0,1 --out $OUT/eval-split.json   # 2 GPUs
     python bench/eval_gpu.py --smoke          # tiny shapes on the CPU, both parts, < 1 min
 """
 
@@ -214,9 +218,40 @@ def part_72b(a, device: str, dtype) -> dict:
     }
 
 
+def part_split(a, device: str, dtype) -> dict:
+    """Greedy parity with each model split over two devices (``--device cuda:0,1``) equals one device."""
+    from qwen_quant.backends.torch_backend import TorchBackend
+
+    cfg = config(a.shape, a.layers)
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="evalsplit-"))
+    g = torch.Generator(device=device.split(",")[0]).manual_seed(0)
+    ref = write_checkpoint(work / "ref", cfg, g, device.split(",")[0], dtype)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, cfg.vocab_size, int(rng.integers(16, 64))).tolist() for _ in range(a.prompts)]
+    out = {}
+    for where in (device.split(",")[0], device):
+        t0 = time.perf_counter()
+        b = TorchBackend(ref, device=where, dtype=str(dtype).replace("torch.", ""))
+        load = time.perf_counter() - t0
+        placement = sorted({str(p.device) for p in b.model.parameters()})
+        t0 = time.perf_counter()
+        toks = b.greedy_batch(prompts, a.greedy)
+        out[where] = {"load_s": round(load, 2), "greedy_s": round(time.perf_counter() - t0, 3), "devices_used": placement, "tokens": toks}
+        b.close()
+    one, split = out[device.split(",")[0]], out[device]
+    if not a.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"part": "split-greedy", "shape": a.shape, "layers": a.layers, "device": device,
+            "single": {k: v for k, v in one.items() if k != "tokens"}, "split": {k: v for k, v in split.items() if k != "tokens"},
+            "identical_tokens": one["tokens"] == split["tokens"],
+            "prefix_match_mean": float(np.mean([next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), len(p))
+                                                for p, q in zip(one["tokens"], split["tokens"])]))}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("7b", "72b", "both"), default="7b")
+    ap.add_argument("--part", choices=("7b", "72b", "both", "split"), default="7b",
+                    help="split: greedy with the 7B shape split over --device cuda:0,1 vs one GPU (needs 2 GPUs)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (both parts): checks the bench runs")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers to build (7b: 32, 72b: 10)")
     ap.add_argument("--tokens", type=int, default=49152)
@@ -241,10 +276,10 @@ def main() -> int:
         if a.smoke:
             b.shape, b.layers, b.tokens, b.ctx, b.prompts, b.greedy = "tiny", 2, 1024, 128, 3, 8
         else:
-            b.shape = "qwen1.5-7b" if part == "7b" else "qwen2-72b"
-            b.layers = a.layers or (32 if part == "7b" else 10)
-        r = (part_7b if part == "7b" else part_72b)(b, a.device, dtype)
-        r["device"] = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
+            b.shape = "qwen2-72b" if part == "72b" else "qwen1.5-7b"
+            b.layers = a.layers or (10 if part == "72b" else 32)
+        r = {"7b": part_7b, "72b": part_72b, "split": part_split}[part](b, a.device, dtype)
+        r["gpu"] = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
         r["torch"] = torch.__version__
         results.append(r)
         print(json.dumps(r, indent=2, default=str), flush=True)

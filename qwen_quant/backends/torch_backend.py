@@ -6,7 +6,8 @@ vocabulary); greedy decoding runs every prompt in one left-padded batch with a K
 A model larger than one GPU is split over several with ``device="cuda:0,1"`` (or ``"cuda:0,cuda:1"``):
 accelerate's `infer_auto_device_map` places whole decoder layers on the GPUs in order (within
 ``max_memory``) and transformers' hooks move activations between them (pipeline placement, one GPU
-busy at a time: meant for greedy parity of a 72B model, not for speed). `plan_device_map` is the
+busy at a time: meant for greedy parity of a 72B model, not for speed); the budget per GPU is
+accelerate's balanced split (`get_balanced_memory`), so a model that would fit one GPU is still spread. `plan_device_map` is the
 same placement without loading anything, for a dry run or a test.
 """
 
@@ -35,16 +36,19 @@ def _layer_class(model) -> list[str]:
 def plan_device_map(model, devices: Sequence[str], max_memory: dict | None = None) -> dict[str, str]:
     """Where each module goes over ``devices`` (whole decoder layers, in order); ``model`` may be on meta.
 
-    ``max_memory``: bytes per device (default: 90% of each GPU's free memory).
+    ``max_memory``: bytes per device (default: balanced, within 90% of each GPU's free memory).
     """
     import torch
     from accelerate import infer_auto_device_map
 
+    from accelerate.utils import get_balanced_memory
+
     keys = [torch.device(d).index if torch.device(d).type == "cuda" else d for d in devices]
-    if max_memory is None:
-        max_memory = {k: int(0.9 * torch.cuda.mem_get_info(k)[0]) for k in keys}
-    dmap = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=_layer_class(model),
-                                 dtype=next(model.parameters()).dtype)
+    no_split, dtype = _layer_class(model), next(model.parameters()).dtype
+    if max_memory is None:  # balanced over the GPUs (as device_map="balanced"), within 90% of what is free
+        free = {k: int(0.9 * torch.cuda.mem_get_info(k)[0]) for k in keys}
+        max_memory = get_balanced_memory(model, max_memory=free, no_split_module_classes=no_split, dtype=dtype)
+    dmap = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
     return {name: (f"cuda:{d}" if isinstance(d, int) else str(d)) for name, d in dmap.items()}
 
 
