@@ -14,7 +14,7 @@ template       another model family's chat template                         meta
 rope           rope theta changed (GGUF key, config.json)                   metadata (exit 1)
 eps            rms eps changed                                              metadata (exit 1)
 context        context length changed (GGUF key, genai_config, config.json) metadata (exit 1)
-numeric        x(1 + 0.15 N(0,1)) on one layer's weight scales (or values)  metrics (exit 1)
+numeric        x(1 + 0.05 N(0,1)) on one layer's weight scales (or values)  metrics (exit 1)
 truncate       the largest file cut short                                   unusable (exit 2)
 config         config contradicts tensors (bits, group size, vocab, tied/    unusable (exit 2)
                lm_head, intermediate size, scales shape; GGUF/genai shapes)
@@ -65,7 +65,7 @@ def artifact_type(src: Path) -> str:
 
 
 def plant(src: str | Path, fault: str, out: str | Path, seed: int = 0, variant: str | None = None,
-          strength: float = 0.15) -> Fault:
+          strength: float = 0.05) -> Fault:
     """Copy ``src`` to ``out`` and plant ``fault`` (see the table above) in the copy."""
     if fault not in EXPECT:
         raise ValueError(f"unknown fault {fault!r}; one of {', '.join(FAULTS)}")
@@ -213,7 +213,7 @@ def _hf_save(f: Path, sd) -> None:
     save_file(sd, str(f), metadata={"format": "pt"})
 
 
-def _hf_numeric(out, rng, strength=0.15, **_) -> str:
+def _hf_numeric(out, rng, strength=0.05, **_) -> str:
     """Noise on the scales of every quantized linear of one decoder layer (a layer's worth of bad weights)."""
     f, sd = _hf_tensors(out)
     layers = sorted({k.split(".")[2] for k in sd if k.startswith("model.layers.")}, key=int)
@@ -381,7 +381,7 @@ def _gguf_context(out, rng, **_) -> str:
 _D_OFFSET = {"Q4_0": 0, "Q4_1": 0, "Q5_0": 0, "Q5_1": 0, "Q8_0": 0, "Q4_K": 0, "Q5_K": 0, "Q2_K": 80, "Q3_K": 108, "Q6_K": 208}
 
 
-def _gguf_numeric(out, rng, strength=0.15, **_) -> str:
+def _gguf_numeric(out, rng, strength=0.05, **_) -> str:
     """Noise on every 2-D tensor of one block: F32/F16 values, or the fp16 scale ``d`` of each quantized block."""
     import gguf
 
@@ -454,7 +454,7 @@ def _onnx_context(out, rng, **_) -> str:
     return f"genai_config.json context_length x{f}"
 
 
-def _onnx_numeric(out, rng, strength=0.15, **_) -> str:
+def _onnx_numeric(out, rng, strength=0.05, **_) -> str:
     """Noise on seven weight-scale (or fp weight) initializers: a decoder layer's worth (graph names are anonymous)."""
     import onnx
     from onnx import numpy_helper
