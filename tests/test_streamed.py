@@ -64,7 +64,7 @@ def _agree(streamed: dict, whole: dict) -> None:
         assert streamed[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-5), k
 
 
-@pytest.mark.parametrize("method", ["windows", "stride"])
+@pytest.mark.parametrize("method", ["windows", pytest.param("stride", marks=pytest.mark.slow)])
 def test_streamed_equals_whole_model_fp32(untied_model, perturbed_untied, tokens, method):
     cfg = EvalConfig(ctx=128, method=method, stride=96)
     s = evaluate_streamed(perturbed_untied, untied_model, tokens, cfg, device="cpu", dtype=torch.float32)

@@ -191,7 +191,7 @@ class NumpyOnly:
         self.backend = _B()
 
 
-@pytest.mark.parametrize("method", ["windows", "stride"])
+@pytest.mark.parametrize("method", ["windows", pytest.param("stride", marks=pytest.mark.slow)])
 def test_batched_scoring_and_numpy_backends_agree(untied_model, perturbed, method):
     from qwen_quant.calib import eval_tokens
     from qwen_quant.models.loader import load_tokenizer
@@ -211,10 +211,10 @@ def test_batched_greedy_equals_unbatched(untied_model, perturbed):
     from qwen_quant.calib import greedy_prompts
     from qwen_quant.models.loader import load_tokenizer
 
-    prompts = [ids for _, ids in greedy_prompts(load_tokenizer(untied_model))][:5]
+    prompts = [ids for _, ids in greedy_prompts(load_tokenizer(untied_model))][:3]
     prompts.append(prompts[0][:3])  # very different lengths: heavy left padding
     assert len({len(p) for p in prompts}) > 2
-    for model in (untied_model, perturbed):
+    for model in (perturbed,):
         with open_backend(model, device="cpu") as b:
             batched = b.greedy_batch(prompts, 10)
             single = [b.greedy_batch([p], 10)[0] for p in prompts]
