@@ -1,7 +1,7 @@
 """`run_recipe`: source (+ v1 conversion) -> every artifact -> validation on its backends -> one report.
 
-All artifacts are built first, then validated, so the reference model is loaded once and kept for
-every validation (and the GPU is free of it while quantizers run). Each artifact is built by the same function its CLI command calls (`quantize_model`, `export_gguf`,
+The reference model is loaded once per run and kept (with its greedy tokens) for every validation
+(`validate.References`; layer-streamed validations re-stream it). Each artifact is built by the same function its CLI command calls (`quantize_model`, `export_gguf`,
 `export_onnx`) with validation off, then measured here by `run_eval` on every backend the recipe
 names, with the recipe's one `EvalConfig`, so all rows of the report are comparable. A failing
 artifact is recorded (status ``failed`` with its error) and the run goes on; Ctrl-C records the
@@ -10,6 +10,7 @@ artifact in flight as ``interrupted``, writes the report of what is done, and re
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import os
 import time
@@ -24,6 +25,7 @@ from qwen_quant.recipe import state as st
 from qwen_quant.recipe.schema import FIXTURE_PREFIX, ArtifactSpec, Recipe
 from qwen_quant.report import Report, Result, to_markdown
 
+REFS: contextvars.ContextVar = contextvars.ContextVar("qwen_quant_refs", default=None)  # set by run_recipe
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
@@ -112,12 +114,13 @@ def build(spec: ArtifactSpec, src: Path, outdir: Path, device: str) -> list[tupl
     return [(str(export_onnx(cfg)), _type_name(spec))]
 
 
-def validate(spec: ArtifactSpec, outputs: list[tuple[str, str]], src: Path, recipe: Recipe, refs=None) -> list[dict]:
+def validate(spec: ArtifactSpec, outputs: list[tuple[str, str]], src: Path, recipe: Recipe) -> list[dict]:
     """Perplexity + parity of every output on every backend the recipe names, against the source.
 
-    ``refs`` (`validate.References`) keeps the source model loaded, and its greedy tokens, across
-    the artifacts of one run.
+    Inside `run_recipe`, ``REFS`` (`validate.References`) keeps the source model loaded, and its
+    greedy tokens, across the artifacts of the run.
     """
+    refs = REFS.get()
     from qwen_quant.validate import run_eval
 
     if spec.type == "gguf":
@@ -168,11 +171,11 @@ def _build_one(spec: ArtifactSpec, src: Path, src_fp: str, recipe: Recipe, outdi
     return "built"
 
 
-def _validate_one(spec: ArtifactSpec, src: Path, src_fp: str, recipe: Recipe, state: st.State, refs) -> str:
+def _validate_one(spec: ArtifactSpec, src: Path, src_fp: str, recipe: Recipe, state: st.State) -> str:
     _, ekey = _keys(spec, src_fp, recipe)
     entry = dict(state.artifact(spec.name))
     t1 = time.perf_counter()
-    results = validate(spec, [tuple(o) for o in entry["typed_outputs"]], src, recipe, refs)
+    results = validate(spec, [tuple(o) for o in entry["typed_outputs"]], src, recipe)
     entry.update(results=results, eval_key=ekey, validate_s=round(time.perf_counter() - t1, 2), status="ok",
                  error=None, size_bytes=sum(r for _, r, _ in _sizes(entry["outputs"])))
     state.set_artifact(spec.name, entry)
@@ -201,12 +204,13 @@ def run_recipe(recipe: Recipe, cfg: RunConfig | None = None) -> Outcome:
 
     refs = References()  # the source model: loaded once for all validations, after all builds
     try:
+        token = REFS.set(refs)
         for spec in todo:
             _guarded(spec, state, statuses, lambda: _build_one(spec, src, src_fp, recipe, outdir, state))
-        for spec in todo:
             if statuses.get(spec.name) == "built":
-                _guarded(spec, state, statuses, lambda: _validate_one(spec, src, src_fp, recipe, state, refs))
+                _guarded(spec, state, statuses, lambda: _validate_one(spec, src, src_fp, recipe, state))
     finally:
+        REFS.reset(token)
         refs.close()
         report = combined_report(recipe, state, src, names)
         write_reports(report, outdir, cfg.json)
