@@ -79,14 +79,27 @@ class TorchBackend(Backend):
 
     @staticmethod
     def _load_split(path, devices: list[str], dtype: str):
-        """Load onto the host (dense), then dispatch whole layers over ``devices`` with accelerate."""
-        from accelerate import dispatch_model
+        """Whole layers over ``devices``: full-precision checkpoints load shard by shard straight onto
+        their GPUs (transformers' ``device_map``, so a 72B model never passes through host memory);
+        GPTQ/AWQ checkpoints are dequantized on the host by our unpackers, then dispatched (needs
+        host memory for the dense model)."""
+        import os
 
-        from qwen_quant.models.loader import load_model
+        from accelerate import dispatch_model, init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
 
+        from qwen_quant.models.loader import check_model, load_model, torch_dtype
+
+        p, cfg, _ = check_model(path)
+        if (cfg.get("quantization_config") or {}).get("quant_method") is None:
+            dt = torch_dtype(dtype, devices[0])
+            with init_empty_weights():
+                skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(p)), dtype=dt)
+            dmap = plan_device_map(skeleton, devices)
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            return AutoModelForCausalLM.from_pretrained(str(p), dtype=dt, device_map=dmap).eval()
         model = load_model(path, "cpu", dtype)
-        dmap = plan_device_map(model, devices)
-        return dispatch_model(model, device_map=dmap)
+        return dispatch_model(model, device_map=plan_device_map(model, devices))
 
     def device_logits(self, ids: np.ndarray, keep: int | None = None):
         import torch
