@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -62,10 +63,19 @@ def build(shape: str, layers: int, out: Path, device: str) -> Path:
                       rope_theta=1e6, tie_word_embeddings=False, dtype="float16")
     with torch.device("meta"):
         model = Qwen2ForCausalLM(cfg)
+    # GPT-2-style init (as bench/llamacpp_cuda.py): linears N(0, 0.02), the residual-writing o_proj and
+    # down_proj scaled by 1/sqrt(2 x depth), unit-variance embeddings, norms 1, biases N(0, 0.01). With
+    # all linears at 0.02 a 7B MLP's output has RMS ~2 and its int4 error RMS ~0.4, and llm-compressor's
+    # AWQ loss, ``mse_loss(..., reduction="sum")`` per fp16 batch of 2048 x 4096 values, overflows fp16
+    # (~1.2e6 > 65504): every grid point is inf and it stops ("No finite loss ..."). With this init the
+    # sum is ~1.9e4 (7B) and ~4e4 (72B layer) per sample; `activations` in the JSON records the forward.
+    depth = SHAPES[shape][5]
     g = torch.Generator(device=device).manual_seed(0)
     sd = {}
     for k, v in model.state_dict().items():
-        t = torch.randn(v.shape, device=device, generator=g, dtype=torch.float32) * (0.02 if v.dim() == 2 else 0.01)
+        std = 1.0 if k.endswith("embed_tokens.weight") else 0.01 if v.dim() == 1 else \
+            0.02 / math.sqrt(2 * depth) if k.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+        t = torch.randn(v.shape, device=device, generator=g, dtype=torch.float32) * std
         sd[k] = (torch.ones_like(t) if k.endswith("norm.weight") else t).half().cpu()
     out.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -74,6 +84,25 @@ def build(shape: str, layers: int, out: Path, device: str) -> Path:
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt"):
         if (tok / f).exists():
             shutil.copy(tok / f, out / f)
+    return out
+
+
+def check_finite(model_dir: Path, ids, device: str, dtype) -> dict:
+    """Forward of the built model (HF, ``dtype``) on 4 calibration samples: per-layer hidden-state
+    RMS and max |x|, and whether everything stayed finite (the peer's AWQ search runs this in fp16)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    x = torch.as_tensor(ids[:4]).to(device)
+    with torch.no_grad():
+        hs = model(x, output_hidden_states=True).hidden_states
+    out = {"dtype": str(dtype), "finite": all(bool(torch.isfinite(h).all()) for h in hs),
+           "rms": [round(float(h.float().pow(2).mean().sqrt()), 3) for h in hs],
+           "max_abs": [round(float(h.float().abs().max()), 2) for h in hs]}
+    del model, hs
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -101,7 +130,7 @@ def peer_side(method: str, model_dir: str, calib: str, device: str) -> dict:
     else:
         recipe = [AWQModifier(duo_scaling=True, n_grid=20),
                   QuantizationModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"])]
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, os.environ.get("SBS_PEER_DTYPE") or ("float16" if device == "cuda" else "float32"))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(model_dir)
     # a timestamp at each subgraph's compression (one subgraph per decoder layer, then the tail):
@@ -198,7 +227,9 @@ def ours_side(method: str, model_dir: str, calib: str, device: str) -> dict:
 
     shutil.rmtree(cfg.output, ignore_errors=True)  # disk: a 72B-shaped output is several GB
     steady = [p["seconds"] for p in s["layers"][1:]] or [p["seconds"] for p in s["layers"]]
-    return {"seconds": round(seconds, 2), "peak_gpu_gib": _peak(torch), "seconds_internal": s["seconds"],
+    peak = s.get("peak_gpu_bytes")  # the run-wide max (quantize_model resets the counter per layer)
+    return {"seconds": round(seconds, 2), "peak_gpu_gib": round(peak / 2**30, 2) if peak else _peak(torch),
+            "seconds_internal": s["seconds"], "setup_seconds": s.get("setup_seconds"),
             "steady_seconds_per_layer": round(sum(steady) / len(steady), 3),
             "finish_seconds": s.get("finish_seconds"), "layers": s["layers"], "solve_check": check,
             "config": {"sym": cfg.sym, "format": cfg.format, "true_sequential": cfg.true_sequential,
@@ -214,6 +245,8 @@ def run_side(tool: str, method: str, model: Path, calib: Path, a, log: Path) -> 
     env = dict(os.environ)
     if a.device == "cpu":
         env["OMP_NUM_THREADS"] = "1"  # a shared CPU: OpenMP barriers under oversubscription swing times tenfold
+    if a.peer_dtype:
+        env["SBS_PEER_DTYPE"] = a.peer_dtype
     if tool == "peer":
         env["PYTHONPATH"] = a.peer_path  # only the peer's packages (+ the image's torch/transformers)
     else:
@@ -253,6 +286,8 @@ def main() -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, 2 layers, 8 x 128 (about a minute)")
     ap.add_argument("--side-timeout", type=int, default=540)
+    ap.add_argument("--peer-dtype", default=None, choices=("float16", "bfloat16", "float32"),
+                    help="llm-compressor's model dtype (default: float16 on CUDA, float32 on the CPU)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -300,8 +335,14 @@ def main() -> int:
            "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None, "torch": torch.__version__,
            "build_seconds": build_s, "grid": "int4, group 128 (GPTQ sym, AWQ asym)",
            "calibration": {f"{n}x{s}": hashlib.sha256(np.load(p).tobytes()).hexdigest() for (n, s), p in calibs.items()},
-           "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
-           "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": []}
+           "git_commit": _git_commit(),
+           "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "extrapolation": "fixed = seconds - layers_built x steady; full_model = fixed + full_depth x steady; "
+                            "full_model_seconds_per_layer = full_model / full_depth (both tools alike)",
+           "runs": []}
+    res["activations"] = [check_finite(model, np.load(calibs[sizes[0]]), a.device, dt) for dt in
+                          ((torch.float16,) if a.device == "cuda" else (torch.float32, torch.float16))]
+    print(f"[{a.shape}] activations: {json.dumps(res['activations'])}", flush=True)
     plan = [(tool, m, sizes[0]) for m in a.methods.split(",") if m for tool in ("peer", "ours")]
     plan += [("ours", m, sizes[1]) for m in a.large_methods.split(",") if m and len(sizes) > 1]
     for tool, method, (n, seq) in plan:
@@ -310,8 +351,8 @@ def main() -> int:
         r.update({"tool": "llm-compressor" if tool == "peer" else "qwen-quant", "method": method,
                   "nsamples": n, "seqlen": seq})
         if "seconds" in r:
-            r["seconds_per_layer"] = round(r["seconds"] / a.layers, 3)
-            r["extrapolated_full_model_minutes"] = round(r["seconds_per_layer"] * depth / 60, 1)
+            r["seconds_per_layer"] = round(r["seconds"] / a.layers, 3)  # of the built layers, fixed costs included
+            _extrapolate(r, a.layers, depth)
             print(f"  {r['seconds_per_layer']} s/layer, peak GPU {r.get('peak_gpu_gib')} GiB", flush=True)
         else:
             print(f"  FAILED: {r['error']}", flush=True)
@@ -325,8 +366,36 @@ def main() -> int:
     return 0 if all("seconds" in r for r in res["runs"]) else 1
 
 
+def _git_commit() -> str:
+    """$QWEN_QUANT_GIT_COMMIT when set (a device copy of the tree may carry another repository's
+    .git), else ``git rev-parse HEAD`` of the repository this script lives in, '+dirty' if modified."""
+    if os.environ.get("QWEN_QUANT_GIT_COMMIT"):
+        return os.environ["QWEN_QUANT_GIT_COMMIT"]
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(git + ["status", "--porcelain", "--", "bench", "qwen_quant"], capture_output=True,
+                           text=True).stdout.strip()
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+def _extrapolate(r: dict, built: int, depth: int) -> None:
+    """Full-depth figures from the fixed cost (wall time not spent in the steady per-layer loop) and
+    the steady seconds per layer, for either tool (see the JSON's "extrapolation")."""
+    steady = r.get("steady_seconds_per_layer")
+    if not steady:
+        r["extrapolated_full_model_minutes"] = round(r["seconds_per_layer"] * depth / 60, 1)
+        return
+    fixed = r["seconds"] - built * steady
+    full = fixed + depth * steady
+    r.update({"fixed_seconds": round(fixed, 2), "full_model_seconds": round(full, 1),
+              "full_model_seconds_per_layer": round(full / depth, 3),
+              "extrapolated_full_model_minutes": round(full / 60, 1)})
+
+
 def _ratios(res: dict) -> None:
-    """ours / llm-compressor seconds per layer, per method at the shared calibration size."""
+    """ours / llm-compressor per method at the shared calibration size: ``m`` (wall time of the built
+    layers), ``m_steady`` (steady seconds per layer) and ``m_full_model`` (the full-depth extrapolation,
+    i.e. the per-layer figure of a full-depth model, on which the issue's targets are judged)."""
     res["ratios"] = {}
     for m in ("gptq", "awq"):
         runs = [r for r in res["runs"] if r["method"] == m and "seconds" in r]
@@ -338,6 +407,8 @@ def _ratios(res: dict) -> None:
             if ours[0].get("steady_seconds_per_layer") and peer[0].get("steady_seconds_per_layer"):
                 res["ratios"][f"{m}_steady"] = round(ours[0]["steady_seconds_per_layer"]
                                                      / peer[0]["steady_seconds_per_layer"], 3)
+            if ours[0].get("full_model_seconds") and peer[0].get("full_model_seconds"):
+                res["ratios"][f"{m}_full_model"] = round(ours[0]["full_model_seconds"] / peer[0]["full_model_seconds"], 3)
 
 
 if __name__ == "__main__":

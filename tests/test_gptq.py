@@ -191,7 +191,7 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(untied_model, tmp_pa
 
     def flaky(*a, **kw):
         calls["n"] += 1
-        if calls["n"] == 9:  # second layer
+        if calls["n"] == 5:  # second layer (4 solves per layer: q/k/v, o, gate/up, down)
             raise KeyboardInterrupt
         return real(*a, **kw)
 

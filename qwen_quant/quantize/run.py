@@ -111,9 +111,31 @@ class _Phases:
         self.t = now
 
 
+def _warm_up(device: str) -> None:
+    """One small GPTQ solve on the device (cuSOLVER/cuBLAS handles, the Triton kernel's compile),
+    run on a thread while the tokenizer loads and the calibration ids are drawn; the kernel's
+    signature (float32 pointers, strides divisible by 16) is the one the real layers launch."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(512, 256, device=device, generator=g)
+    gptq_quantize(torch.randn(256, 256, device=device, generator=g), x.T @ x, Grid(4, 128, True))
+    torch.cuda.synchronize(device)
+
+
 def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
+    import threading
+
+    t_setup = time.perf_counter()
+    setup: dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        nonlocal t_setup
+        now = time.perf_counter()
+        setup[name] = round(now - t_setup, 3)
+        t_setup = now
+
     cfg.check()
     src, hf, fam = check_model(cfg.model)
+    mark("check_model")
     out = Path(cfg.output)
     if out.exists() and not cfg.force:
         raise QuantError(f"output {out} already exists; pass --force to replace it or choose another -o")
@@ -125,11 +147,17 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
         src_dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
         out_dtype = getattr(torch, src_dtype, torch.float32)
     grid = Grid(cfg.bits, cfg.group_size, cfg.sym)
+    warm = None
+    if device.startswith("cuda") and cfg.method == "gptq":
+        warm = threading.Thread(target=_warm_up, args=(device,), name="qwen-quant-warm-up", daemon=True)
+        warm.start()
 
     tok = load_tokenizer(src)
+    mark("tokenizer")
     chat = cfg.chat if cfg.chat is not None else any(w in src.name.lower() for w in ("chat", "instruct"))
     calib = cfg.calib
     ids = calib.__class__(calib.source, calib.nsamples, calib.seqlen, calib.seed, chat).samples(tok)
+    mark("calibration")
     log(f"{cfg.method} {cfg.bits}-bit g{cfg.group_size} {'sym' if cfg.sym else 'asym'}"
         f"{' desc_act' if cfg.desc_act else ''} on {device}: {src} ({ids.shape[0]} x {ids.shape[1]} calibration tokens"
         f"{', chat-formatted' if chat else ''})")
@@ -144,9 +172,16 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
     writer = BackgroundWriter(CheckpointWriter(out, force=cfg.force))  # writes overlap the next layer
     pack = _packer(cfg, out_dtype)
     per_layer = []
+    mark("skeleton")
     try:
         hidden = lw.embed(ids)
         writer.add({k: v.to(out_dtype) for k, v in lw.raw(fam.embed_path).items()})
+        mark("embed")
+        if warm is not None:
+            warm.join()  # a failed warm-up only means the first layer pays the compile
+            mark("warm_up_wait")
+        if device.startswith("cuda"):
+            peak_before = torch.cuda.max_memory_allocated()
         n_layers = hf["num_hidden_layers"]
         with progress("quantizing layers", total=n_layers, unit="layers") as advance:
             for i in range(n_layers):
@@ -207,7 +242,9 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
         writer.abort()
         raise
     seconds = time.perf_counter() - t0
-    peak_gpu = max((p["peak_gpu_bytes"] for p in per_layer), default=None) if device.startswith("cuda") else None
+    peak_gpu = None
+    if device.startswith("cuda"):  # the counter is reset per layer: the run's peak is the max of all spans
+        peak_gpu = max([p["peak_gpu_bytes"] for p in per_layer] + [peak_before, torch.cuda.max_memory_allocated()])
     summary = {
         "method": cfg.method, "format": cfg.format, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
         "desc_act": cfg.desc_act, "damp": cfg.damp, "true_sequential": cfg.true_sequential, "intermediate_pad": pad,
@@ -216,7 +253,7 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
         "calibration": {"source": calib.source, "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "chat": chat,
                         "seed": calib.seed},
         "size_before_bytes": _dir_size(src), "size_after_bytes": _dir_size(out), "seconds": round(seconds, 2),
-        "finish_seconds": round(drain_s, 2),
+        "finish_seconds": round(drain_s, 2), "setup_seconds": setup,
         "peak_gpu_bytes": peak_gpu, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "layers": per_layer,
     }
