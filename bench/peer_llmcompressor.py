@@ -17,6 +17,8 @@ subprocess of this script (``--peer``), and everything else runs in our venv:
    ``qwen_quant.validate.run_eval`` against the full-precision fixture.
 
     python bench/peer_llmcompressor.py --fixture qwen2-tiny-untied --fixture qwen2-tiny-tied
+    # the hard fixture (planted outlier channels, qwen_quant/testing/outliers.py), test_quality.py's settings:
+    python bench/peer_llmcompressor.py --fixture qwen2-tiny-untied-outliers --nsamples 32 --ctx 128 --max-tokens 2048
 
 Setup of the peer venv (torch first, so nothing pulls another torch)::
 

@@ -73,7 +73,7 @@ def _derived() -> dict[str, DerivedSpec]:
 
     return {d.name: d for d in (
         DerivedSpec("qwen2-tiny-tied-outliers", "qwen2-tiny-tied",
-                    "Qwen2-0.5B at int4: salient activation-outlier channels (x30..300) after every norm and in the MLP",
+                    "Qwen2-0.5B at int4: salient activation-outlier channels (x10..30) after every norm and in the MLP",
                     OutlierSpec()),
         DerivedSpec("qwen2-tiny-untied-outliers", "qwen2-tiny-untied",
                     "the MHA fixture with the same outlier channels (all four AWQ scale pairs apply)", OutlierSpec()),
