@@ -12,7 +12,7 @@ from qwen_quant.backends import open_backend
 from qwen_quant.validate import EvalConfig, run_eval, score
 from qwen_quant.validate.streamed import evaluate_streamed, model_bytes, plan
 
-CFG = EvalConfig(ctx=128, max_tokens=1024, greedy_tokens=6, max_prompts=3)
+CFG = EvalConfig(ctx=128, max_tokens=512, greedy_tokens=4, max_prompts=2)
 KEYS = ("perplexity", "ref_perplexity", "kl_mean", "kl_p99", "kl_max", "top1_agreement")
 
 
