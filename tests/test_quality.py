@@ -3,9 +3,10 @@ channels planted by `qwen_quant.testing.outliers`, fp32 function unchanged).
 
 On the easy fixtures every int4 method lands within noise of the others, so a broken method passed.
 Here each ordering has a margin well above the run-to-run noise measured over calibration seeds
-(docs/benchmarks.md, "Quality on the fixture models"), and each test also runs the method *disabled*
-(AWQ with its scales forced to 1, GPTQ with an identity Hessian, GGUF with a flat importance matrix)
-and checks that the same condition then fails: a quality test that a broken method passes tests nothing.
+(docs/benchmarks.md, "Quality on the hard fixture"), and a slow-marked twin of each test runs the
+method *disabled* (AWQ with its scales forced to 1, GPTQ with an identity Hessian, GGUF with a flat
+importance matrix) and checks that the same condition then fails: a quality test that a broken method
+passes tests nothing. The twins are slow-marked only to keep the default suite's budget.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ GGUF_HARD = "qwen2-tiny-tied-outliers"
 GGUF_EVAL = EvalConfig(ctx=128, max_tokens=1024, greedy_tokens=0)
 RTN_LOSS = 0.05  # RTN int4 g128 must lose at least 5% perplexity (issue 16)
 RECOVERY = 0.5  # GPTQ and AWQ must each win back at least half of it
-IMATRIX_GAIN = 0.10  # q4_k_m with imatrix: mean KL at least 10% below plain q4_k_m
+IMATRIX_GAIN = 0.25  # q4_k_m with imatrix: mean KL at least 25% below plain (measured 54-55%; a flat imatrix: 7.5%)
 INT8_LOSS = 0.01  # int8 stays within 1% perplexity
 
 
@@ -111,28 +112,39 @@ def test_rtn_int4_loses_like_a_real_model(rtn):
     assert rtn["ppl_ratio"] - 1 >= RTN_LOSS, rtn
 
 
-def test_gptq_recovers_half_of_rtns_loss(hard, measure, rtn, tmp_path, monkeypatch):
+def test_gptq_recovers_half_of_rtns_loss(hard, measure, rtn, tmp_path):
     m = measure(_quantize(hard, tmp_path / "gptq"))
+    print(f"\nGPTQ recovers {recovery(m, rtn):.0%} of RTN's ppl loss (KL {recovery(m, rtn, 'kl_mean'):.0%})")
     assert recovery(m, rtn) >= RECOVERY and recovery(m, rtn, "kl_mean") >= RECOVERY, (m, rtn)
-    # disabled: an identity Hessian removes GPTQ's error feedback (it becomes round-to-nearest)
+
+
+@pytest.mark.slow
+def test_gptq_condition_fails_when_disabled(hard, measure, rtn, tmp_path, monkeypatch):
+    """An identity Hessian removes GPTQ's error feedback (it becomes round-to-nearest): the bar is missed."""
     from qwen_quant.quantize import run
 
     real = run.gptq_quantize
     monkeypatch.setattr(run, "gptq_quantize", lambda W, H, *a, **k: real(W, torch.eye(H.shape[0], dtype=H.dtype), *a, **k))
     off = measure(_quantize(hard, tmp_path / "gptq-off"))
-    print(f"\nGPTQ recovers {recovery(m, rtn):.0%} of RTN's ppl loss (KL {recovery(m, rtn, 'kl_mean'):.0%}); "
-          f"with an identity Hessian {recovery(off, rtn):.0%}")
+    print(f"\nGPTQ with an identity Hessian recovers {recovery(off, rtn):.0%} of RTN's ppl loss")
     assert recovery(off, rtn) < RECOVERY, (off, rtn)
 
 
-def test_awq_recovers_half_of_rtns_loss(hard, measure, rtn, tmp_path, monkeypatch):
+def test_awq_recovers_half_of_rtns_loss(hard, measure, rtn, tmp_path):
     m = measure(_quantize(hard, tmp_path / "awq", "awq"))
+    print(f"\nAWQ recovers {recovery(m, rtn):.0%} of RTN's ppl loss (KL {recovery(m, rtn, 'kl_mean'):.0%})")
     assert recovery(m, rtn) >= RECOVERY and recovery(m, rtn, "kl_mean") >= RECOVERY, (m, rtn)
-    # disabled: scales forced to 1 (the clip search still runs), i.e. AWQ's grid + clipping alone
-    monkeypatch.setattr(awq, "search_scale", lambda lw, layer, pair, x, *a, **k: torch.ones(x.shape[-1]))
+
+
+@pytest.mark.slow
+def test_awq_condition_fails_when_disabled(hard, measure, rtn, tmp_path, monkeypatch):
+    """Scales forced to 1 (the clip search still runs: AWQ's grid + clipping alone): the bar is missed."""
+    from qwen_quant.quantize.layerwise import get_module
+
+    monkeypatch.setattr(awq, "search_scale",
+                        lambda lw, layer, pair, *a, **k: torch.ones(get_module(layer, pair.linears[0]).in_features))
     off = measure(_quantize(hard, tmp_path / "awq-off", "awq"))
-    print(f"\nAWQ recovers {recovery(m, rtn):.0%} of RTN's ppl loss (KL {recovery(m, rtn, 'kl_mean'):.0%}); "
-          f"with scales forced to 1 {recovery(off, rtn):.0%}")
+    print(f"\nAWQ with scales forced to 1 recovers {recovery(off, rtn):.0%} of RTN's ppl loss")
     assert recovery(off, rtn) < RECOVERY, (off, rtn)
 
 
@@ -142,9 +154,11 @@ def test_int8_stays_near_lossless(hard, measure, tmp_path):
     assert m["ppl_ratio"] - 1 < INT8_LOSS, m
 
 
-def test_gguf_imatrix_beats_plain_q4_k_m_on_kl(tmp_path):
+@pytest.mark.parametrize("disabled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["imatrix", "flat-imatrix"])
+def test_gguf_imatrix_beats_plain_q4_k_m_on_kl(tmp_path, disabled):
     """On the tied hard fixture (hidden 256: llama.cpp's 256-wide K-quant blocks apply; at hidden 128
-    every tensor falls back to q5_0-like types, where an importance matrix can do little)."""
+    every tensor falls back to q5_0-like types, where an importance matrix can do little). Disabled:
+    a flat importance matrix carries no activation statistics, and the gain is gone."""
     from qwen_quant.export.gguf import write_float_gguf
     from qwen_quant.export.gguf_imatrix import imatrix_for_model
     from qwen_quant.export.gguf_quant import quantize_gguf
@@ -155,12 +169,11 @@ def test_gguf_imatrix_beats_plain_q4_k_m_on_kl(tmp_path):
     try:
         f32 = write_float_gguf(src, tmp_path / "f32.gguf", "f32")
         imat = imatrix_for_model(src, CALIB.samples(load_tokenizer(src))).values()
-        kl = {}
-        for label, im in (("plain", None), ("imatrix", imat), ("flat", {k: np.ones_like(v) for k, v in imat.items()})):
-            kl[label] = measure(quantize_gguf(f32, tmp_path / f"{label}.gguf", "q4_k_m", imatrix=im), "llama.cpp")["kl_mean"]
+        if disabled:
+            imat = {k: np.ones_like(v) for k, v in imat.items()}
+        kl = {label: measure(quantize_gguf(f32, tmp_path / f"{label}.gguf", "q4_k_m", imatrix=im), "llama.cpp")["kl_mean"]
+              for label, im in (("plain", None), ("imatrix", imat))}
     finally:
         close()
-    print("\nq4_k_m mean KL:", {k: round(v, 5) for k, v in kl.items()})
-    assert kl["imatrix"] < (1 - IMATRIX_GAIN) * kl["plain"], kl
-    # disabled: a flat importance matrix carries no activation statistics, and the gain is gone
-    assert not kl["flat"] < (1 - IMATRIX_GAIN) * kl["plain"], kl
+    print(f"\nq4_k_m mean KL ({'flat' if disabled else 'real'} imatrix):", {k: round(v, 5) for k, v in kl.items()})
+    assert (kl["imatrix"] < (1 - IMATRIX_GAIN) * kl["plain"]) is not disabled, kl

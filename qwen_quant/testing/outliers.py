@@ -21,10 +21,9 @@ loses the channels that matter most, the failure AWQ's paper describes. Why ``c`
 channels: that puts RTN int4 g128 at +22% perplexity on the MHA fixture (real small Qwen models lose
 several % to tens of %, docs/benchmarks.md) while int8's 16x finer grid still holds the shrunken
 columns (+0.2%), as int8 does on real models; with c up to 300 int8 lost 4% and GPTQ's damping
-(1% of the mean Hessian diagonal, which the outliers dominate) froze its error feedback.
-The folding itself is AWQ's own
-``apply_scale`` over AWQ's pair table (the same op, scale ``1/c``), so there is one definition of
-"which linears read which norm" in the project.
+(1% of the mean Hessian diagonal, which the outliers dominate) froze its error feedback. The folding
+itself is AWQ's own ``apply_scale`` over AWQ's pair table (the same op, scale ``1/c``), so there is
+one definition of "which linears read which norm" in the project.
 
 The fp16-overflow option (`plant_fp16_overflow`) is for the engines' fp16 check (issue 15). Real
 Qwen2 models overflow fp16 in the MLP of a few layers on chat-formatted input: a handful of
