@@ -39,6 +39,25 @@ def model_72b() -> Path:
 
 
 @pytest.fixture(scope="session")
+def perturbed(untied_model, tmp_path_factory) -> Path:
+    """A copy of the untied fixture with noise on one layer's MLP (every metric moves, predictably)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("perturbed")
+    for f in untied_model.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    sd = load_file(str(out / "model.safetensors"))
+    w = sd["model.layers.1.mlp.down_proj.weight"]
+    sd["model.layers.1.mlp.down_proj.weight"] = w + torch.randn_like(w, generator=torch.Generator().manual_seed(0)) * w.std() * 2
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     from qwen_quant.calib import default_tokenizer_dir
 

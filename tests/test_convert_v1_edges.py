@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_convert import N_RANKS, SEQ, _make_v1, _ranks, _v1_config, v1_reference_logits
+from test_convert import N_RANKS, SEQ, _make_v1, _v1_config, ranks, v1_reference_logits, weights  # noqa: F401 (fixtures)
 
 from qwen_quant.convert import tiktoken_tok
 from qwen_quant.convert.qwen_v1 import REPORT_FILE, ConvertConfig, convert_qwen_v1
@@ -36,18 +36,6 @@ def _launch_era_config() -> dict:
     for key in ("attn_dropout_prob", "emb_dropout_prob", "tokenizer_class"):
         cfg.pop(key)
     return cfg | LAUNCH_EXTRAS | {"padded_vocab_size": cfg["vocab_size"]}
-
-
-@pytest.fixture(scope="module")
-def ranks():
-    return _ranks()
-
-
-@pytest.fixture(scope="module")
-def weights():
-    from test_convert import _v1_weights
-
-    return _v1_weights()
 
 
 @pytest.fixture(scope="module")

@@ -25,24 +25,6 @@ def tokens(untied_model):
 
 
 @pytest.fixture(scope="module")
-def perturbed_untied(untied_model, tmp_path_factory):
-    """A copy of the fixture with noise on one layer's MLP (as in test_validate)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path_factory.mktemp("perturbed")
-    for f in untied_model.iterdir():
-        if f.is_file():
-            shutil.copy(f, out / f.name)
-    sd = load_file(str(out / "model.safetensors"))
-    w = sd["model.layers.1.mlp.down_proj.weight"]
-    sd["model.layers.1.mlp.down_proj.weight"] = w + torch.randn_like(w, generator=torch.Generator().manual_seed(0)) * w.std() * 2
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
-@pytest.fixture(scope="module")
 def gptq_artifact(untied_model, tmp_path_factory):
     from qwen_quant.calib import CalibConfig
     from qwen_quant.quantize import QuantConfig, quantize_model
@@ -65,10 +47,10 @@ def _agree(streamed: dict, whole: dict) -> None:
 
 
 @pytest.mark.parametrize("method", ["windows", pytest.param("stride", marks=pytest.mark.slow)])
-def test_streamed_equals_whole_model_fp32(untied_model, perturbed_untied, tokens, method):
+def test_streamed_equals_whole_model_fp32(untied_model, perturbed, tokens, method):
     cfg = EvalConfig(ctx=128, method=method, stride=96)
-    s = evaluate_streamed(perturbed_untied, untied_model, tokens, cfg, device="cpu", dtype=torch.float32)
-    w = _whole(perturbed_untied, untied_model, tokens, cfg)
+    s = evaluate_streamed(perturbed, untied_model, tokens, cfg, device="cpu", dtype=torch.float32)
+    w = _whole(perturbed, untied_model, tokens, cfg)
     _agree(s, w)
     assert s["kl_mean"] > 1e-4  # a real difference was measured, not 0 == 0
 
@@ -88,9 +70,9 @@ def test_streamed_tied_self_parity(tied_model, tokens):
     assert m["perplexity"] == pytest.approx(m["ref_perplexity"])
 
 
-def test_run_eval_streamed_records_mode_phases_and_greedy(untied_model, perturbed_untied):
-    whole = run_eval(perturbed_untied, CFG, reference=untied_model, device="cpu", streamed=False)
-    r = run_eval(perturbed_untied, CFG, reference=untied_model, device="cpu", streamed=True)
+def test_run_eval_streamed_records_mode_phases_and_greedy(untied_model, perturbed):
+    whole = run_eval(perturbed, CFG, reference=untied_model, device="cpu", streamed=False)
+    r = run_eval(perturbed, CFG, reference=untied_model, device="cpu", streamed=True)
     assert r.backend["name"] == "torch-streamed" and whole.backend["name"] == "torch"
     assert any(n.startswith("streamed") for n in r.notes) and not any(n.startswith("streamed") for n in whole.notes)
     assert set(r.phases) >= {"load", "scoring", "greedy"} and set(whole.phases) >= {"load", "scoring", "greedy"}
@@ -117,11 +99,11 @@ def test_plan_picks_streamed_when_models_do_not_fit(untied_model):
         assert model_bytes("x", 1) / 1e9 == pytest.approx(72.7, abs=0.1)
 
 
-def test_cli_streamed_report_validates(untied_model, perturbed_untied, tmp_path, run_cli):
+def test_cli_streamed_report_validates(untied_model, perturbed, tmp_path, run_cli):
     from qwen_quant.report import validate_report
 
     out = tmp_path / "r.json"
-    code, _, err = run_cli("eval", perturbed_untied, "--reference", untied_model, "--device", "cpu", "--ctx", "128",
+    code, _, err = run_cli("eval", perturbed, "--reference", untied_model, "--device", "cpu", "--ctx", "128",
                            "--max-tokens", "512", "--greedy-tokens", "0", "--streamed", "--json", out, "-q")
     assert code == 0, err
     d = json.loads(out.read_text())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -14,22 +13,6 @@ from qwen_quant.validate import EvalConfig, evaluate, run_eval
 from qwen_quant.validate.metrics import windows
 
 CFG = EvalConfig(ctx=128, max_tokens=2048, greedy_tokens=12, max_prompts=4)
-
-
-@pytest.fixture(scope="module")
-def perturbed(untied_model, tmp_path_factory):
-    """A copy of the fixture with noise on one layer's MLP."""
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path_factory.mktemp("perturbed")
-    for f in untied_model.iterdir():
-        if f.is_file():
-            shutil.copy(f, out / f.name)
-    sd = load_file(str(out / "model.safetensors"))
-    w = sd["model.layers.1.mlp.down_proj.weight"]
-    sd["model.layers.1.mlp.down_proj.weight"] = w + torch.randn_like(w, generator=torch.Generator().manual_seed(0)) * w.std() * 2
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
 
 
 def test_self_parity_is_exact(untied_model):
