@@ -27,12 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
-def _log_softmax(x: torch.Tensor) -> torch.Tensor:
-    """float32 ``x - logsumexp(x)``, as the dense metrics compute it (torch's CPU log_softmax kernel
-    drifts by ~1e-4 over a 152k vocabulary, which would show up as a fake top-k error)."""
-    x = x.float()
-    return x - torch.logsumexp(x, dim=-1, keepdim=True)
+from qwen_quant.validate.metrics import as_tensor, log_softmax
 
 
 @dataclass
@@ -63,7 +58,7 @@ class TopKLogprobs:
     @classmethod
     def from_dense(cls, logits, k: int, targets=None) -> "TopKLogprobs":
         """The view vLLM would return for these logits: top-k, plus ``targets`` (the following tokens)."""
-        lp = _log_softmax(torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits))
+        lp = log_softmax(as_tensor(logits))
         top = lp.topk(k, dim=-1)
         ids, vals = top.indices, top.values
         if targets is not None:
@@ -94,7 +89,7 @@ class TopKLogprobs:
         test_top = torch.gather(ids, 1, torch.where(valid, lq, torch.full_like(lq, -float("inf"))).argmax(-1, keepdim=True))[:, 0]
         if rl is None:
             return nll, None, None, None
-        lr = _log_softmax(rl)
+        lr = log_softmax(rl)
         ref_nll = -lr.gather(1, tg[:, None])[:, 0]
         top1 = lr.argmax(-1) == test_top
         safe = ids.clamp(min=0)
