@@ -89,3 +89,38 @@ def test_missing_file_and_no_gpu_errors(tmp_path):
     if not llama_cpp.llama_supports_gpu_offload():
         with pytest.raises(QuantError, match="no GPU offload"):
             LlamaCppBackend(f16_gguf(NAME), device="cuda")
+
+
+def test_llama_kwargs_override(backend):
+    """Extra llama_cpp.Llama arguments go over ours: a smaller batch gives the same logits."""
+    ids = eval_ids(1, 48)
+    with LlamaCppBackend(f16_gguf(NAME), device="cpu", n_ctx=64, llama_kwargs={"n_batch": 16, "n_ubatch": 16}) as b:
+        assert b._llm.n_batch == 16
+        np.testing.assert_allclose(b.logits(ids), backend.logits(ids), atol=1e-3)
+
+
+_GLOBAL_SYMBOL = "_ZNSo9_M_insertIlEERSoT_"  # std::ostream::_M_insert<long>, the call that crashed
+
+
+@pytest.mark.parametrize("first", ["", "import torch; "])
+def test_import_puts_libstdcxx_in_global_scope(first):
+    """`import qwen_quant` makes libstdc++'s own symbols win global lookup before llama.cpp loads.
+
+    A CUDA build's libggml-cuda.so exports weak copies of libstdc++ instances that crashed every model
+    load on the GPU (qwen_quant/_native.py); with libstdc++ promoted first, dlsym(RTLD_DEFAULT) (the
+    lookup order the dynamic linker uses for libllama) finds the real library's definition. Without the
+    import, python itself does not link libstdc++, so the symbol is not global at all (the check can fail).
+    """
+    import subprocess
+    import sys
+
+    probe = ("import ctypes, ctypes.util; g = ctypes.CDLL(None); "
+             f"a = ctypes.cast(getattr(g, '{_GLOBAL_SYMBOL}'), ctypes.c_void_p).value; "
+             "s = ctypes.CDLL(ctypes.util.find_library('stdc++')); "
+             f"print(a == ctypes.cast(getattr(s, '{_GLOBAL_SYMBOL}'), ctypes.c_void_p).value)")
+    bare = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert bare.returncode != 0 and "undefined symbol" in bare.stderr
+    ours = subprocess.run([sys.executable, "-c", f"{first}import qwen_quant, llama_cpp; {probe}"],
+                          capture_output=True, text=True)
+    assert ours.returncode == 0, ours.stderr[-500:]
+    assert ours.stdout.strip() == "True"

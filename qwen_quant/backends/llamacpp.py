@@ -16,11 +16,13 @@ from typing import Sequence
 
 import numpy as np
 
+from qwen_quant._native import promote_libstdcxx as _promote_libstdcxx
 from qwen_quant.backends.base import Backend
 from qwen_quant.errors import QuantError
 
 
 def _llama_cpp():
+    _promote_libstdcxx()
     try:
         import llama_cpp
     except ImportError:
@@ -42,7 +44,9 @@ def file_type_name(file_type: str | int | None) -> str:
 class LlamaCppBackend(Backend):
     name = "llama.cpp"
 
-    def __init__(self, path: str | Path, device: str = "auto", n_ctx: int = 512, n_threads: int | None = None):
+    def __init__(self, path: str | Path, device: str = "auto", n_ctx: int = 512, n_threads: int | None = None,
+                 llama_kwargs: dict | None = None):
+        """``llama_kwargs``: extra ``llama_cpp.Llama`` arguments (e.g. ``split_mode``), applied over ours."""
         llama_cpp = _llama_cpp()
         self.path = Path(path)
         if not self.path.is_file():
@@ -56,6 +60,7 @@ class LlamaCppBackend(Backend):
                              "use --device cpu or reinstall it with CMAKE_ARGS=-DGGML_CUDA=on")
         self.device = "cuda" if gpu and device != "cpu" else "cpu"
         self._n_threads = n_threads or max(1, min(8, os.cpu_count() or 1))
+        self._extra = dict(llama_kwargs or {})
         self._llm = None
         self._open(n_ctx)
         self.dtype = file_type_name(self._llm.metadata.get("general.file_type"))
@@ -66,12 +71,11 @@ class LlamaCppBackend(Backend):
         llama_cpp = _llama_cpp()
         if self._llm is not None:
             self._llm.close()
-        self._llm = _load_llama(
-            llama_cpp, self.path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512),
-            logits_all=True, n_gpu_layers=-1 if self.device == "cuda" else 0, n_threads=self._n_threads,
-            op_offload=self.device == "cuda",  # --device cpu on a CUDA build: no batch ops sent to the GPU
-            n_threads_batch=self._n_threads, seed=0, verbose=False,
-        )
+        kw = dict(n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512), logits_all=True,
+                  n_gpu_layers=-1 if self.device == "cuda" else 0, n_threads=self._n_threads,
+                  op_offload=self.device == "cuda",  # --device cpu on a CUDA build: no batch ops sent to the GPU
+                  n_threads_batch=self._n_threads, seed=0, verbose=False)
+        self._llm = _load_llama(llama_cpp, self.path, **{**kw, **self._extra})
         self.n_ctx = n_ctx
 
     def _ensure_ctx(self, n: int) -> None:
