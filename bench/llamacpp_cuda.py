@@ -220,9 +220,13 @@ def run(args) -> int:
     threads = args.threads or os.cpu_count() or 1
     q = Path(args.f16).with_name(f"model-{args.qtype}.gguf")
     t = time.perf_counter()
-    quantize_gguf(Path(args.f16), q, args.qtype, nthread=threads)
-    quant_s = time.perf_counter() - t
-    print(f"quantized to {args.qtype}: {q.stat().st_size / 2**30:.2f} GiB in {quant_s:.1f}s", flush=True)
+    if args.reuse_quantized and q.is_file() and q.stat().st_mtime >= Path(args.f16).stat().st_mtime:
+        quant_s = None  # made earlier in the same call (bench/llamacpp_cuda.sh quantizes while it diagnoses)
+        print(f"reusing {q} ({q.stat().st_size / 2**30:.2f} GiB)", flush=True)
+    else:
+        quantize_gguf(Path(args.f16), q, args.qtype, nthread=threads)
+        quant_s = round(time.perf_counter() - t, 1)
+        print(f"quantized to {args.qtype}: {q.stat().st_size / 2**30:.2f} GiB in {quant_s:.1f}s", flush=True)
 
     tok = AutoTokenizer.from_pretrained(str(default_tokenizer_dir()))
     tokens = np.asarray(eval_tokens(tok, "shipped", max_tokens=args.tokens), dtype=np.int64)
@@ -231,7 +235,8 @@ def run(args) -> int:
     gpu_dev = "cuda" if args.cuda else "cpu"
 
     t = time.perf_counter()
-    test = LlamaCppBackend(q, device=gpu_dev, n_ctx=args.ctx, n_threads=threads)
+    test = LlamaCppBackend(q, device=gpu_dev, n_ctx=args.ctx, n_threads=threads,
+                           llama_kwargs=json.loads(args.llama_kw) if args.llama_kw else None)
     load_gpu = time.perf_counter() - t
     t = time.perf_counter()
     ref = LlamaCppBackend(q, device="cpu", n_ctx=args.ctx, n_threads=threads)
@@ -260,9 +265,10 @@ def run(args) -> int:
         ref.close()
     why = check_parity(m)
     report.extra = {"bench": "llamacpp_cuda", "shape": args.shape, "qtype": args.qtype, "threads": threads,
-                    "build_seconds": args.build_seconds, "quantize_seconds": round(quant_s, 1),
+                    "build_seconds": args.build_seconds, "quantize_seconds": quant_s,
                     "limits": LIMITS, "parity_ok": not why, "parity_failures": why,
-                    "inject_garbage": bool(args.inject_garbage), "gpu": _gpu_name()}
+                    "inject_garbage": bool(args.inject_garbage), "gpu": _gpu_name(),
+                    "llama_kw": args.llama_kw, "env": {k: v for k, v in os.environ.items() if k.startswith("GGML_")}}
     if args.json:
         report.write_json(args.json)
     for r in report.results:
@@ -295,9 +301,12 @@ def table(path: str) -> str:
     e, rows = rep["extra"], {r["extra"]["row"]: r for r in rep["results"]}
     test = next(r for k, r in rows.items() if k != "cpu")
     m = test["metrics"]
+    built = (f"built there with CUDA in {e['build_seconds']:.0f} s" if e.get("build_seconds")
+             else "CUDA build unpacked from an earlier call's prebuilt copy")
+    quant = f"quantized in {e['quantize_seconds']} s" if e.get("quantize_seconds") else "quantized earlier in the call"
     out = [f"Device: {e.get('gpu') or 'CPU only'}, llama-cpp-python {test['backend']['versions'].get('llama_cpp_python')} "
-           f"built there with CUDA in {e.get('build_seconds')} s; {e['shape']}-shaped random model, {e['qtype']} "
-           f"(quantized in {e['quantize_seconds']} s), {e['threads']} CPU threads, ctx {test['ctx']}, "
+           f"{built}; {e['shape']}-shaped random model, {e['qtype']} "
+           f"({quant}), {e['threads']} CPU threads, ctx {test['ctx']}, "
            f"{m['tokens_scored']} scored tokens, {m.get('greedy_prompts')} prompts x {m.get('greedy_tokens')} greedy tokens.",
            "", "| row | device | prompt tokens/s | decode tokens/s | load s | perplexity |", "|---|---|---|---|---|---|"]
     for label, r in rows.items():
@@ -330,6 +339,8 @@ def main(argv=None) -> int:
         sp.add_argument("--json")
         sp.add_argument("--inject-garbage", action="store_true", help="replace the CUDA row by constant 'GGGG' output")
         sp.add_argument("--build-seconds", type=float)
+        sp.add_argument("--llama-kw", help="JSON of extra llama_cpp.Llama arguments for the CUDA row")
+        sp.add_argument("--reuse-quantized", action="store_true", help="keep an up-to-date model-QTYPE.gguf beside --f16")
         sp.add_argument("--cpu-only", dest="cuda", action="store_false", help="both rows on the CPU (no CUDA build)")
         if sp.prog.endswith("run"):
             sp.add_argument("--f16", required=True)

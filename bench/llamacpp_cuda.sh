@@ -7,17 +7,27 @@
 #                                               # SHAPE=qwen2-7b picks another shape (default qwen1.5-7b)
 #   bash bench/llamacpp_cuda.sh smoke           # here, on the CPU: the eval half with the installed CPU wheel
 #
+# Device call (carry: build/llamacpp-cuda, .device-wheels/project, .device-wheels/qwen2-tokenizer):
+#   bash bench/llamacpp_cuda.sh gpu --tokens 4096
+# `gpu` also leaves a stripped, xz-packed copy of the CUDA build in $OUT (lcpp-prebuilt.tar.xz.part00..,
+# ~40 MB in 15 MiB parts). Copy those parts into build/lcpp-prebuilt/ here and the next call skips the
+# 6-minute build (carry build/lcpp-prebuilt and build/llamacpp-cuda/wheels instead of build/llamacpp-cuda).
+#
 # Why a repacked sdist: the GPU machine has no network, and a device call carries at most 64 MiB. The
 # llama-cpp-python 0.3.36 sdist is 76 MB; most of it is llama.cpp's model vocab files, docs, web UI and
 # backends we do not build. `pack` deletes those (the list is below) and keeps everything CMake reads with
 # -DGGML_CUDA=on -DLLAVA_BUILD=OFF, which leaves ~46 MB. The folder build/ is git-ignored (`/build/`).
 #
 # Build flags (gpu): -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 (H100/H200 only: one arch keeps the
-# build near 4 minutes on 16 cores) -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF (no multimodal library) and
-# -DGGML_NATIVE=ON: the wheel is built on the machine that runs it, so the CPU row gets AVX-512/AVX2
-# kernels instead of the portable baseline (the CPU row is a speed reference too). Installed with
-# --no-build-isolation from carried wheels (scikit-build-core, pathspec, diskcache), into /tmp/lcpp,
+# build near 6 minutes on 16 cores) -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF (no multimodal library), and a
+# portable CPU backend: -DGGML_NATIVE=OFF with AVX2/FMA/F16C/BMI2, so the packed copy runs on whichever
+# x86-64 host the next call lands on (the CPU row is therefore an AVX2 row, not AVX-512/AMX). Installed
+# with --no-build-isolation from carried wheels (scikit-build-core, pathspec, diskcache) into /tmp/lcpp,
 # never into the image's site-packages.
+#
+# The load crash seen on the first attempts (SIGSEGV in libggml-cuda.so on every model load) is
+# libllama binding to weak libstdc++ copies exported by libggml-cuda.so; `import qwen_quant` fixes it
+# (qwen_quant/_native.py). A bare `llama_cpp.Llama` outside our package needs LD_PRELOAD=libstdc++.so.6.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VER=0.3.36
@@ -60,19 +70,34 @@ gpu() {
   # the float GGUF needs only gguf + torch: write it while llama.cpp compiles
   python3 bench/llamacpp_cuda.py make-f16 --shape "${SHAPE:-qwen1.5-7b}" --out /tmp/m/model-f16.gguf > "$out/make-f16.log" 2>&1 &
   local maker=$!
-  local b0=$SECONDS
-  CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF" \
-  CMAKE_BUILD_PARALLEL_LEVEL=16 MAKEFLAGS=-j16 \
-    python3 -m pip install --no-index --no-deps --no-build-isolation --target /tmp/lcpp "$SDIST" > "$out/build.log" 2>&1 \
-    || { tail -40 "$out/build.log"; exit 3; }
-  local build_s=$((SECONDS - b0))
-  echo "llama-cpp-python CUDA build: ${build_s}s"
+  local b0=$SECONDS build_s=""
+  if ls build/lcpp-prebuilt/lcpp-prebuilt.tar.xz.part* >/dev/null 2>&1; then
+    cat build/lcpp-prebuilt/lcpp-prebuilt.tar.xz.part* | xz -d | tar x -C /tmp/lcpp || exit 3
+    echo "llama-cpp-python CUDA build: unpacked the prebuilt copy in $((SECONDS - b0))s"
+  else
+    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL=16 MAKEFLAGS=-j16 \
+      python3 -m pip install --no-index --no-deps --no-build-isolation --target /tmp/lcpp "$SDIST" > "$out/build.log" 2>&1 \
+      || { tail -40 "$out/build.log"; exit 3; }
+    build_s=$((SECONDS - b0))
+    echo "llama-cpp-python CUDA build: ${build_s}s"
+    pack_prebuilt "$out" &
+  fi
   wait $maker || { cat "$out/make-f16.log"; exit 3; }
   tail -3 "$out/make-f16.log"
   echo "model ready at ${SECONDS}s"
-  python3 bench/llamacpp_cuda.py run --shape "${SHAPE:-qwen1.5-7b}" --f16 /tmp/m/model-f16.gguf --build-seconds "$build_s" \
-    --json "$out/llamacpp-cuda.json" "$@"
+  local rc=0
+  python3 bench/llamacpp_cuda.py run --shape "${SHAPE:-qwen1.5-7b}" --f16 /tmp/m/model-f16.gguf ${build_s:+--build-seconds "$build_s"} \
+    --json "$out/llamacpp-cuda.json" "$@" || rc=$?
+  wait || true  # the prebuilt packer
   echo "total ${SECONDS}s (started $t0)"
+  return $rc
+}
+
+pack_prebuilt() {  # one stripped file per library, links for its other names, xz, 15 MiB parts into $1
+  rm -rf /tmp/pk && mkdir -p /tmp/pk && cp -r /tmp/lcpp/llama_cpp /tmp/pk/ || return
+  (cd /tmp/pk/llama_cpp/lib && for f in *.so.0; do b=${f%.so.0}; rm -f "$b.so" "$b".so.0.*; strip --strip-unneeded "$f"; ln -s "$f" "$b.so"; done)
+  tar cf - -C /tmp/pk llama_cpp | xz -T0 -6 > /tmp/lcpp-prebuilt.tar.xz && split -b 15M -d /tmp/lcpp-prebuilt.tar.xz "$1/lcpp-prebuilt.tar.xz.part"
 }
 
 case "${1:-}" in
