@@ -13,11 +13,15 @@ vocabulary and tensor-name code (no 15 GB safetensors detour) and quantized by o
 say nothing about quality; they are enough to compare two runtimes of the same file.
 
 The CUDA row is evaluated with the CPU row as its reference, so its KL/top-1/greedy numbers are parity
-*between the runtimes*. The known Qwen2 failure on CUDA (fp16 overflow in attention without flash
-attention: NaN or a single repeated token, "GGGG") moves every one of them: `check_parity` fails the run
-(exit 1) when a metric is non-finite, top-1 agreement or the greedy prefix drops, or KL / the
-perplexity ratio leave their limits. ``--inject-garbage`` replaces the CUDA row by that failure (one
-token always wins) to show that the check catches it (tests/test_bench_llamacpp_cuda.py).
+*between the runtimes*. Both rows are then scored against exact float32 math on the same weights (the
+GGUF dequantized by gguf-py into a transformers model, on the GPU): the verdict asks the CUDA row to
+stay within 3x the CPU row's own KL from exact and within 5 points of its top-1 (`check_vs_exact`),
+because on random weights two healthy runtimes already disagree more than fixed limits allow
+(`bench/llamacpp_noise.py`); `--no-exact` falls back to the fixed CUDA-vs-CPU limits (`check_parity`).
+The known Qwen2 failure on CUDA (fp16 overflow in attention without flash attention: NaN or a single
+repeated token, "GGGG") fails both verdicts (exit 1): non-finite metrics, or a KL and top-1 far outside
+any limit. ``--inject-garbage`` replaces the CUDA row by that failure (one token always wins) to show
+that the check catches it (tests/test_bench_llamacpp_cuda.py).
 """
 
 from __future__ import annotations
@@ -121,6 +125,34 @@ def make_f16(shape: str, out: Path) -> Path:
     return out
 
 
+def exact_model(gguf_path: Path, shape: str):
+    """A float32 Qwen2ForCausalLM holding the dequantized weights of ``gguf_path``."""
+    import gguf
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    h, inter, heads, kv, layers, vocab = SHAPES[shape]
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
+                      rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(cfg)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, layers)
+    to_hf = {name_map.get_name(n, try_suffixes=(".weight", ".bias")): n for n in model.state_dict()}
+    state = {}
+    for t in gguf.GGUFReader(str(gguf_path)).tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        state[to_hf[t.name]] = torch.from_numpy(w.reshape(model.state_dict()[to_hf[t.name]].shape))
+    missing = set(model.state_dict()) - set(state)
+    if missing:
+        raise SystemExit(f"not in the GGUF: {sorted(missing)[:4]}")
+    model.load_state_dict(state, assign=True)
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    model.model.rotary_emb = Qwen2RotaryEmbedding(config=cfg)  # its buffers were made on the meta device
+    return model.float().eval()
+
+
 class Timed:
     """Wraps a backend and adds up the wall time and tokens of its scoring and greedy calls."""
 
@@ -209,6 +241,31 @@ def check_parity(m: dict, limits: dict = LIMITS) -> list[str]:
     return why
 
 
+EXACT_LIMITS = {"max_kl_ratio": 3.0, "kl_floor": 1e-3, "max_top1_drop": 0.05}
+
+
+def check_vs_exact(test: dict, cpu: dict, limits: dict = EXACT_LIMITS) -> list[str]:
+    """Why the CUDA row fails when both rows are scored against exact float32 math on the same weights.
+
+    The CPU row's own distance from exact arithmetic is the yardstick: the CUDA row may be at most
+    ``max_kl_ratio`` times as far in KL (or ``kl_floor``, whichever is larger) and lose at most
+    ``max_top1_drop`` top-1 agreement more. Random weights make both runtimes noisy (bench/llamacpp_noise.py),
+    so absolute limits between the two runtimes misjudge them; garbage ("GGGG", NaN) fails either way.
+    """
+    bad = [k for k in ("kl_mean", "top1_agreement", "perplexity") if not math.isfinite(float(test.get(k, float("nan"))))]
+    if bad:
+        return [f"non-finite {', '.join(bad)} vs exact (NaN/inf logits: the fp16-overflow failure)"]
+    why = []
+    kl_cap = max(limits["max_kl_ratio"] * cpu["kl_mean"], limits["kl_floor"])
+    if test["kl_mean"] > kl_cap:
+        why.append(f"KL vs exact {test['kl_mean']:.4g} > {kl_cap:.4g} ({limits['max_kl_ratio']:g}x the CPU row's "
+                   f"{cpu['kl_mean']:.4g})")
+    if test["top1_agreement"] < cpu["top1_agreement"] - limits["max_top1_drop"]:
+        why.append(f"top-1 vs exact {test['top1_agreement']:.3f} < CPU row's {cpu['top1_agreement']:.3f} - "
+                   f"{limits['max_top1_drop']}")
+    return why
+
+
 def run(args) -> int:
     from qwen_quant.backends.llamacpp import LlamaCppBackend
     from qwen_quant.calib import dataset_fingerprint, default_tokenizer_dir, eval_tokens, greedy_prompts
@@ -248,6 +305,25 @@ def run(args) -> int:
         tb.score_s = rb.score_s = 0.0
         tb.score_tokens = rb.score_tokens = 0
         m = evaluate(tb, tokens, cfg, rb, prompts)
+        vs_exact = {}
+        if args.exact:  # both rows against float32 math on the dequantized weights (GPU when there is one)
+            import torch
+
+            from qwen_quant.backends.torch_backend import TorchBackend
+
+            t = time.perf_counter()
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            exact = TorchBackend(exact_model(q, args.shape).to(dev), device=dev)
+            keep = ("kl_mean", "kl_p99", "top1_agreement", "perplexity", "ref_perplexity", "greedy_exact",
+                    "greedy_prefix_mean")
+            for label, b in (("test", tb), ("cpu", rb)):
+                score_s, score_n, greedy_s, greedy_n = b.score_s, b.score_tokens, b.greedy_s, b.greedy_tokens
+                em = evaluate(b, tokens, cfg, exact, prompts)
+                b.score_s, b.score_tokens, b.greedy_s, b.greedy_tokens = score_s, score_n, greedy_s, greedy_n
+                vs_exact[label] = {k: em[k] for k in keep if k in em}
+            vs_exact["seconds"] = round(time.perf_counter() - t, 1)
+            vs_exact["device"] = dev
+            del exact
         rows = [("cuda" if args.cuda else "cpu-as-test", test, tb, m, load_gpu),
                 ("cpu", ref, rb, {"tokens_scored": m["tokens_scored"], "perplexity": m["ref_perplexity"]}, load_cpu)]
         ds = {"name": "shipped", "sha256": dataset_fingerprint(tokens), "n_tokens": int(len(tokens))}
@@ -259,14 +335,21 @@ def run(args) -> int:
                 reference=({"path": str(q), "backend": "llama.cpp", "device": "cpu", "dtype": args.qtype}
                            if label != "cpu" else None),
                 phases={"load": round(load_s, 2), "scoring": timed.score_s, "greedy": timed.greedy_s},
-                extra={"row": label, **timed.speed()}))
+                extra={"row": label, **timed.speed(),
+                       **({"vs_exact": vs_exact["test" if label != "cpu" else "cpu"]} if vs_exact else {})}))
     finally:
         test.close()
         ref.close()
-    why = check_parity(m)
+    absolute = check_parity(m)
+    # with the exact reference, the verdict is relative to the CPU row's own distance from exact math;
+    # without it, the absolute CUDA-vs-CPU limits decide
+    why = check_vs_exact(vs_exact["test"], vs_exact["cpu"]) if vs_exact else absolute
     report.extra = {"bench": "llamacpp_cuda", "shape": args.shape, "qtype": args.qtype, "threads": threads,
                     "build_seconds": args.build_seconds, "quantize_seconds": quant_s,
                     "limits": LIMITS, "parity_ok": not why, "parity_failures": why,
+                    "verdict": "vs-exact" if vs_exact else "absolute",
+                    **({"exact_limits": EXACT_LIMITS, "absolute_failures": absolute,
+                        "exact_seconds": vs_exact["seconds"], "exact_device": vs_exact["device"]} if vs_exact else {}),
                     "inject_garbage": bool(args.inject_garbage), "gpu": _gpu_name(),
                     "llama_kw": args.llama_kw, "env": {k: v for k, v in os.environ.items() if k.startswith("GGML_")}}
     if args.json:
@@ -277,6 +360,10 @@ def run(args) -> int:
               f"prompt {e['prompt_tokens_per_s']} tok/s  decode {e['decode_tokens_per_s']} tok/s  load {r.phases['load']:.1f}s")
     print(f"CUDA vs CPU: KL mean {m['kl_mean']:.3g}  p99 {m['kl_p99']:.3g}  top-1 {m['top1_agreement']:.4f}  "
           f"greedy exact {m.get('greedy_exact')}/{m.get('greedy_prompts')}")
+    for label in ("test", "cpu") if vs_exact else ():
+        x = vs_exact[label]
+        print(f"{label:>4} vs exact float32: KL mean {x['kl_mean']:.3g}  top-1 {x['top1_agreement']:.4f}  "
+              f"greedy exact {x.get('greedy_exact')}")
     if args.json:
         print("\n" + table(args.json) + "\n")
     if why:
@@ -316,8 +403,15 @@ def table(path: str) -> str:
     out += ["", f"CUDA vs CPU (same GGUF): KL mean {m['kl_mean']:.3g}, p99 {m['kl_p99']:.3g}, max {m['kl_max']:.3g}; "
             f"top-1 agreement {m['top1_agreement']:.4f}; greedy exact {m.get('greedy_exact')}/{m.get('greedy_prompts')}, "
             f"prefix mean {m.get('greedy_prefix_mean')}; perplexity ratio {m['perplexity'] / m['ref_perplexity']:.5f}. "
-            f"Parity check ({', '.join(f'{k} {v}' for k, v in e['limits'].items())}): "
-            f"{'passed' if e['parity_ok'] else 'FAILED: ' + '; '.join(e['parity_failures'])}."]
+            f"Absolute limits ({', '.join(f'{k} {v}' for k, v in e['limits'].items())}): "
+            f"{'passed' if not e.get('absolute_failures', e['parity_failures']) else 'exceeded: ' + '; '.join(e.get('absolute_failures', e['parity_failures']))}."]
+    if e.get("verdict") == "vs-exact":
+        vx = {k: r["extra"]["vs_exact"] for k, r in rows.items()}
+        out += ["", "Against exact float32 math on the same dequantized weights (" + e["exact_device"] + "): "
+                + "; ".join(f"{k} row KL mean {x['kl_mean']:.3g}, top-1 {x['top1_agreement']:.4f}, greedy exact "
+                            f"{x.get('greedy_exact')}" for k, x in vx.items())
+                + f". Verdict vs exact ({', '.join(f'{k} {v}' for k, v in e['exact_limits'].items())}): "
+                + ("passed" if e["parity_ok"] else "FAILED: " + "; ".join(e["parity_failures"])) + "."]
     return "\n".join(out)
 
 
@@ -339,6 +433,8 @@ def main(argv=None) -> int:
         sp.add_argument("--json")
         sp.add_argument("--inject-garbage", action="store_true", help="replace the CUDA row by constant 'GGGG' output")
         sp.add_argument("--build-seconds", type=float)
+        sp.add_argument("--no-exact", dest="exact", action="store_false",
+                        help="skip scoring both rows against float32 math on the dequantized weights")
         sp.add_argument("--llama-kw", help="JSON of extra llama_cpp.Llama arguments for the CUDA row")
         sp.add_argument("--reuse-quantized", action="store_true", help="keep an up-to-date model-QTYPE.gguf beside --f16")
         sp.add_argument("--cpu-only", dest="cuda", action="store_false", help="both rows on the CPU (no CUDA build)")

@@ -26,35 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import llamacpp_cuda as lc  # noqa: E402  (its random-model recipe and f16 writer)
-
-
-def exact_model(gguf_path: Path, shape: str):
-    """A float32 Qwen2ForCausalLM holding the dequantized weights of ``gguf_path``."""
-    import gguf
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    h, inter, heads, kv, layers, vocab = lc.SHAPES[shape]
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
-                      rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(cfg)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, layers)
-    to_hf = {name_map.get_name(n, try_suffixes=(".weight", ".bias")): n for n in model.state_dict()}
-    state = {}
-    for t in gguf.GGUFReader(str(gguf_path)).tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        state[to_hf[t.name]] = torch.from_numpy(w.reshape(model.state_dict()[to_hf[t.name]].shape))
-    missing = set(model.state_dict()) - set(state)
-    if missing:
-        raise SystemExit(f"not in the GGUF: {sorted(missing)[:4]}")
-    model.load_state_dict(state, assign=True)
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
-
-    model.model.rotary_emb = Qwen2RotaryEmbedding(config=cfg)  # its buffers were made on the meta device
-    return model.float().eval()
+import llamacpp_cuda as lc  # noqa: E402  (its random-model recipe, f16 writer and exact model)
 
 
 def main(argv=None) -> int:
@@ -96,7 +68,7 @@ def main(argv=None) -> int:
         q = Path(tmp) / f"model-{a.qtype}.gguf"
         quantize_gguf(f16, q, a.qtype, nthread=threads)
         f16.unlink()
-        ref = TorchBackend(exact_model(q, shape), device="cpu")
+        ref = TorchBackend(lc.exact_model(q, shape), device="cpu")
         with LlamaCppBackend(q, device="cpu", n_ctx=a.ctx, n_threads=threads) as cpu:
             m = evaluate(cpu, tokens, cfg, ref, prompts)
     out = {"bench": "llamacpp_noise", "shape": dict(zip(("hidden", "intermediate", "heads", "kv_heads", "layers", "vocab"),

@@ -48,6 +48,19 @@ def test_parity_check_passes_close_runtimes_and_fails_gggg_and_nan():
     assert "non-finite" in bench.check_parity(_metrics(nan, ref, targets))[0]
 
 
+def test_verdict_vs_exact_is_relative_to_the_cpu_rows_own_distance():
+    bench = _bench()
+    cpu = {"kl_mean": 0.005, "top1_agreement": 0.93, "perplexity": 10.0}
+    assert bench.check_vs_exact({"kl_mean": 0.012, "top1_agreement": 0.90, "perplexity": 10.1}, cpu) == []
+    why = bench.check_vs_exact({"kl_mean": 0.02, "top1_agreement": 0.85, "perplexity": 10.5}, cpu)
+    assert len(why) == 2 and "3x the CPU row" in why[0] and "top-1 vs exact" in why[1]
+    # a near-exact CPU row does not make healthy noise fail: the KL cap never drops below the floor
+    assert bench.check_vs_exact({"kl_mean": 0.0008, "top1_agreement": 0.99, "perplexity": 10.0},
+                                {"kl_mean": 1e-5, "top1_agreement": 1.0, "perplexity": 10.0}) == []
+    assert "non-finite" in bench.check_vs_exact({"kl_mean": float("nan"), "top1_agreement": 0.9,
+                                                 "perplexity": 10.0}, cpu)[0]
+
+
 def test_garbage_wrapper_is_the_gggg_failure():
     bench = _bench()
 
@@ -70,7 +83,11 @@ def test_smoke_runs_and_injected_garbage_exits_1(tmp_path):
     rep = json.loads(out.read_text())
     rows = {r["extra"]["row"]: r for r in rep["results"]}
     assert set(rows) == {"cpu-as-test", "cpu"} and rep["extra"]["parity_ok"] is True
+    assert rep["extra"]["verdict"] == "vs-exact"  # both rows scored against float32 on the dequantized weights
+    vx = [r["extra"]["vs_exact"] for r in rows.values()]
+    assert vx[0] == vx[1] and 0 < vx[0]["kl_mean"] < 0.01 and vx[0]["top1_agreement"] > 0.9
     assert rows["cpu-as-test"]["metrics"]["top1_agreement"] == 1.0
     assert rows["cpu"]["extra"]["prompt_tokens_per_s"] > 0
     assert bench.main(["smoke", "--inject-garbage", "--json", str(out)]) == 1
-    assert json.loads(out.read_text())["extra"]["parity_ok"] is False
+    bad = json.loads(out.read_text())["extra"]
+    assert bad["parity_ok"] is False and any("KL vs exact" in w for w in bad["parity_failures"])
