@@ -277,13 +277,9 @@ def run(args) -> int:
     threads = args.threads or os.cpu_count() or 1
     q = Path(args.f16).with_name(f"model-{args.qtype}.gguf")
     t = time.perf_counter()
-    if args.reuse_quantized and q.is_file() and q.stat().st_mtime >= Path(args.f16).stat().st_mtime:
-        quant_s = None  # made earlier in the same call (bench/llamacpp_cuda.sh quantizes while it diagnoses)
-        print(f"reusing {q} ({q.stat().st_size / 2**30:.2f} GiB)", flush=True)
-    else:
-        quantize_gguf(Path(args.f16), q, args.qtype, nthread=threads)
-        quant_s = round(time.perf_counter() - t, 1)
-        print(f"quantized to {args.qtype}: {q.stat().st_size / 2**30:.2f} GiB in {quant_s:.1f}s", flush=True)
+    quantize_gguf(Path(args.f16), q, args.qtype, nthread=threads)
+    quant_s = round(time.perf_counter() - t, 1)
+    print(f"quantized to {args.qtype}: {q.stat().st_size / 2**30:.2f} GiB in {quant_s:.1f}s", flush=True)
 
     tok = AutoTokenizer.from_pretrained(str(default_tokenizer_dir()))
     tokens = np.asarray(eval_tokens(tok, "shipped", max_tokens=args.tokens), dtype=np.int64)
@@ -316,10 +312,8 @@ def run(args) -> int:
             exact = TorchBackend(exact_model(q, args.shape).to(dev), device=dev)
             keep = ("kl_mean", "kl_p99", "top1_agreement", "perplexity", "ref_perplexity", "greedy_exact",
                     "greedy_prefix_mean")
-            for label, b in (("test", tb), ("cpu", rb)):
-                score_s, score_n, greedy_s, greedy_n = b.score_s, b.score_tokens, b.greedy_s, b.greedy_tokens
+            for label, b in (("test", tb.inner), ("cpu", rb.inner)):  # unwrapped: not in the speed figures
                 em = evaluate(b, tokens, cfg, exact, prompts)
-                b.score_s, b.score_tokens, b.greedy_s, b.greedy_tokens = score_s, score_n, greedy_s, greedy_n
                 vs_exact[label] = {k: em[k] for k in keep if k in em}
             vs_exact["seconds"] = round(time.perf_counter() - t, 1)
             vs_exact["device"] = dev
@@ -390,7 +384,8 @@ def table(path: str) -> str:
     m = test["metrics"]
     built = (f"built there with CUDA in {e['build_seconds']:.0f} s" if e.get("build_seconds")
              else "CUDA build unpacked from an earlier call's prebuilt copy")
-    quant = f"quantized in {e['quantize_seconds']} s" if e.get("quantize_seconds") else "quantized earlier in the call"
+    quant = (f"quantized in {e['quantize_seconds']} s" if e.get("quantize_seconds")
+             else "quantized earlier in the call")  # the first 7B result was quantized by a diagnosis script
     out = [f"Device: {e.get('gpu') or 'CPU only'}, llama-cpp-python {test['backend']['versions'].get('llama_cpp_python')} "
            f"{built}; {e['shape']}-shaped random model, {e['qtype']} "
            f"({quant}), {e['threads']} CPU threads, ctx {test['ctx']}, "
@@ -436,7 +431,6 @@ def main(argv=None) -> int:
         sp.add_argument("--no-exact", dest="exact", action="store_false",
                         help="skip scoring both rows against float32 math on the dequantized weights")
         sp.add_argument("--llama-kw", help="JSON of extra llama_cpp.Llama arguments for the CUDA row")
-        sp.add_argument("--reuse-quantized", action="store_true", help="keep an up-to-date model-QTYPE.gguf beside --f16")
         sp.add_argument("--cpu-only", dest="cuda", action="store_false", help="both rows on the CPU (no CUDA build)")
         if sp.prog.endswith("run"):
             sp.add_argument("--f16", required=True)

@@ -9,23 +9,19 @@ every model load segfaulted, offloaded or not (measured on the lent H100: SIGSEG
 ``codecvt::do_unshift`` called from ``ostream::_M_insert<long>`` in libggml-cuda.so, under
 ``llama_model_load_from_file``). With libstdc++ global first, every such reference binds to the real
 library, as ``LD_PRELOAD=libstdc++.so.6`` does (both measured to load and run there, also when torch
-with its CUDA libraries was imported first). ``import qwen_quant`` runs it, and the llama.cpp backend
-again before it imports llama_cpp; it is harmless for CPU builds.
+with its CUDA libraries was imported first). ``import qwen_quant`` runs it, which every import of one of
+our modules (the llama.cpp backend, the GGUF quantizer) goes through first; harmless for CPU builds.
 """
 
 from __future__ import annotations
 
 import sys
 
-_done = False
-
 
 def promote_libstdcxx() -> None:
-    """Load libstdc++ with RTLD_GLOBAL (once; a no-op off Linux or where it cannot be found)."""
-    global _done
-    if _done or not sys.platform.startswith("linux"):
+    """Load libstdc++ with RTLD_GLOBAL (a no-op off Linux or where it cannot be found)."""
+    if not sys.platform.startswith("linux"):
         return
-    _done = True
     import ctypes
     import ctypes.util
 

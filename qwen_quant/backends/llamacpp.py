@@ -16,13 +16,11 @@ from typing import Sequence
 
 import numpy as np
 
-from qwen_quant._native import promote_libstdcxx as _promote_libstdcxx
 from qwen_quant.backends.base import Backend
 from qwen_quant.errors import QuantError
 
 
 def _llama_cpp():
-    _promote_libstdcxx()
     try:
         import llama_cpp
     except ImportError:

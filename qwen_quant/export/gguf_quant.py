@@ -21,7 +21,7 @@ from typing import Mapping
 import gguf
 import numpy as np
 
-from qwen_quant.backends.llamacpp import CapturedLog, _promote_libstdcxx
+from qwen_quant.backends.llamacpp import CapturedLog
 from qwen_quant.errors import QuantError
 
 #: type name (CLI) -> llama_ftype. Values come from gguf-py's LlamaFileType (== llama.h's enum).
@@ -64,7 +64,6 @@ def parse_types(spec: str | list[str]) -> list[str]:
 
 
 def _llama_cpp():
-    _promote_libstdcxx()  # CUDA builds: see qwen_quant.backends.llamacpp
     try:
         import llama_cpp
     except ImportError:
