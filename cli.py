@@ -99,7 +99,7 @@ def info(
     mi = model_info(cfg, path)
     d = {**dataclasses.asdict(mi), "gqa": mi.gqa, "quirks": mi.quirks(), "path": str(path)}
     if (path / "conversion-report.json").is_file():  # converted from Qwen v1: its context limit is part of the model
-        from qwen_quant.convert.v1_report import context_limit_line
+        from qwen_quant.models.convert.v1_report import context_limit_line
 
         d["context_limit"] = context_limit_line(json.loads((path / "conversion-report.json").read_text()))
     if json_out:
@@ -324,7 +324,7 @@ def convert(
     """
     import json
 
-    from qwen_quant.convert.qwen_v1 import REPORT_FILE, ConvertConfig, convert_qwen_v1
+    from qwen_quant.models.convert.qwen_v1 import REPORT_FILE, ConvertConfig, convert_qwen_v1
     from qwen_quant.models.loader import resolve_model
     from qwen_quant.progress import log, set_quiet
 
@@ -337,7 +337,7 @@ def convert(
         return
     if json_out is not None:
         json_out.write_text(json.dumps({"output": str(out), **report}, indent=2, ensure_ascii=False) + "\n")
-    from qwen_quant.convert.v1_report import context_limit_line
+    from qwen_quant.models.convert.v1_report import context_limit_line
 
     log(f"wrote {out} ({report['tensors_written']} tensors, {report['dtype']}); {context_limit_line(report)}")
 

@@ -99,22 +99,23 @@ def make_f16(shape: str, out: Path) -> Path:
     """A float16 GGUF of a random ``shape`` model, written by our writer's metadata/vocab code."""
     import gguf
 
-    from qwen_quant.export.gguf import add_metadata, add_vocab, tensor_type
+    from qwen_quant.export.gguf import add_metadata, add_vocab, gguf_arch, tensor_type
+    from qwen_quant.models import QWEN2
 
     t0 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         d = _model_dir(shape, Path(tmp))
         hp = json.loads((d / "config.json").read_text())  # no weights on disk: skip check_model
-        writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
-        name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, hp["num_hidden_layers"])
+        writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf_arch(QWEN2)])
+        name_map = gguf.get_tensor_name_map(gguf_arch(QWEN2), hp["num_hidden_layers"])
         for name, data in _random_tensors(shape):
             new = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
             qtype = tensor_type(new, data.ndim, "f16")
             writer.add_tensor(new, gguf.quants.quantize(data.astype(np.float32) if qtype.name == "F32" else data, qtype),
                               raw_dtype=qtype)
-        add_metadata(writer, d, hp, "f16")
-        add_vocab(writer, d, hp["vocab_size"])
+        add_metadata(writer, d, hp, "f16", QWEN2)
+        add_vocab(writer, d, hp["vocab_size"], QWEN2)
         tmp_out = out.with_name(f".{out.name}.tmp")
         writer.write_header_to_file(path=tmp_out)
         writer.write_kv_data_to_file()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qwen_quant.models import QWEN2
 from qwen_quant.calib import CalibConfig
 from qwen_quant.quantize import QuantConfig, quantize_model
 from qwen_quant.quantize import awq
@@ -77,7 +78,7 @@ def _tiny_layer(kv_heads: int):
 
     class FakeLw:  # what search_scale / _pairs read from the layerwise driver
         batch_size, pos_emb = 1, (cos, sin)
-        family = type("F", (), {"name": "qwen2"})
+        from qwen_quant.models import QWEN2 as family
 
     return layer, x, FakeLw()
 
@@ -107,7 +108,7 @@ def test_scale_search_never_loses_to_plain_rtn():
     """Ratio 0 with duo scaling off is plain RTN, so the chosen scales can only lower the block MSE."""
     layer, x, lw = _tiny_layer(2)
     grid = Grid(4, 32, False)
-    pair = awq.SCALE_PAIRS["qwen2"][2]  # post_attention_layernorm -> gate/up, block = MLP
+    pair = QWEN2.scale_pairs[2]  # post_attention_layernorm -> gate/up, block = MLP
     x = x * torch.linspace(0.1, 5, 64)  # a few salient channels, as in real activations
     with torch.no_grad():
         ref = layer.mlp(x)
@@ -378,7 +379,7 @@ def test_gram_scale_search_for_a_single_linear_matches_running_it():
     """up_proj -> down_proj: the output MSE through sum x x^T picks the ratio that running the linear does."""
     layer, _, lw = _tiny_layer(2)
     grid = Grid(4, 32, False)
-    pair = awq.SCALE_PAIRS["qwen2"][3]  # up_proj -> down_proj, block = the linear itself
+    pair = QWEN2.scale_pairs[3]  # up_proj -> down_proj, block = the linear itself
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 40, 128, generator=g) * torch.linspace(0.1, 4, 128)
     flat = x.reshape(-1, 128)

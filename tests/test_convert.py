@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from qwen_quant.convert.qwen_v1 import REPORT_FILE, ConvertConfig, convert_qwen_v1, is_qwen_v1
+from qwen_quant.models.convert.qwen_v1 import REPORT_FILE, ConvertConfig, convert_qwen_v1, is_qwen_v1
 from qwen_quant.errors import QuantError
 
 QWEN2_TOKENIZER = Path("/work/shared/fixtures/qwen2-tokenizer/tokenizer.json")
@@ -280,7 +280,7 @@ def test_full_vocabulary_matches_tiktoken(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from qwen_quant.convert import tiktoken_tok
+    from qwen_quant.models.convert import tiktoken_tok
 
     global N_RANKS
     full = 151643

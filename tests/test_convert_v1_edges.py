@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from test_convert import N_RANKS, SEQ, _make_v1, _v1_config, ranks, v1_reference_logits, weights  # noqa: F401 (fixtures)
 
-from qwen_quant.convert import tiktoken_tok
-from qwen_quant.convert.qwen_v1 import REPORT_FILE, ConvertConfig, convert_qwen_v1
+from qwen_quant.models.convert import tiktoken_tok
+from qwen_quant.models.convert.qwen_v1 import REPORT_FILE, ConvertConfig, convert_qwen_v1
 from qwen_quant.errors import QuantError
 
 # Qwen-7B's config.json as first published (August 2023), keys that differ from the later release.
@@ -133,7 +133,7 @@ def test_report_and_info_state_what_a_longer_context_changes(modern, weights):
 
 
 def test_report_text_follows_the_enabled_features():
-    from qwen_quant.convert.v1_report import beyond_limit, context_limit_line, conversion_report
+    from qwen_quant.models.convert.v1_report import beyond_limit, context_limit_line, conversion_report
 
     def rep(**cfg):
         return conversion_report(cfg, 2048, Path("src"), [], "float32", 0, {}, True, [], {})

@@ -172,14 +172,16 @@ def test_group_size_that_does_not_divide_needs_pad(tmp_path):
     from qwen_quant.calib import default_tokenizer_dir
     from qwen_quant.quantize.config import plan_padding
 
+    from qwen_quant.models import QWEN2
+
     hf = {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 200}
     with pytest.raises(QuantError, match="does not divide the intermediate size 200.*--pad"):
-        plan_padding(QuantConfig("m", "o"), hf)
-    assert plan_padding(QuantConfig("m", "o", pad=True), hf) == 1024 - 200
+        plan_padding(QuantConfig("m", "o"), hf, QWEN2)
+    assert plan_padding(QuantConfig("m", "o", pad=True), hf, QWEN2) == 1024 - 200
     assert plan_padding(QuantConfig("m", "o", pad=True), {**hf, "intermediate_size": 29568, "hidden_size": 8192,
-                                                           "num_attention_heads": 64}) == 29696 - 29568
-    with pytest.raises(QuantError, match="group size 128 does not divide the hidden size"):
-        plan_padding(QuantConfig("m", "o"), {**hf, "hidden_size": 96, "num_attention_heads": 3})
+                                                           "num_attention_heads": 64}, QWEN2) == 29696 - 29568
+    with pytest.raises(QuantError, match="group size 128 does not divide the in-features 96 of self_attn.q_proj"):
+        plan_padding(QuantConfig("m", "o"), {**hf, "hidden_size": 96, "num_attention_heads": 3}, QWEN2)
     del Qwen2Config, Qwen2ForCausalLM, default_tokenizer_dir
 
 

@@ -1,8 +1,9 @@
-"""HF qwen2 checkpoint -> float GGUF (F32/F16/BF16), the intermediate every quantized GGUF starts from.
+"""HF Qwen checkpoint -> float GGUF (F32/F16/BF16), the intermediate every quantized GGUF starts from.
 
-Built on gguf-py (``GGUFWriter``, ``MODEL_ARCH.QWEN2``, ``get_tensor_name_map``, ``SpecialVocab``,
-``Metadata``) so names, enums and the binary layout come from llama.cpp itself. The metadata is
-written value for value as llama.cpp's ``convert_hf_to_gguf.py`` writes it for ``Qwen2ForCausalLM``
+Built on gguf-py (``GGUFWriter``, ``MODEL_ARCH``, ``get_tensor_name_map``, ``SpecialVocab``,
+``Metadata``) so names, enums and the binary layout come from llama.cpp itself; the family file
+(`qwen_quant.models.families`) names the GGUF architecture and its pre-tokenizer hashes. The metadata is
+written value for value as llama.cpp's ``convert_hf_to_gguf.py`` writes it for the Qwen text models
 (``TextModel.set_gguf_parameters``, ``_set_vocab_gpt2``/``get_vocab_base``, ``Metadata.set_gguf_meta_model``);
 ``bench/compare_llamacpp_convert.py`` diffs the two. We re-implement rather than import that script
 because it is not a package, pulls the whole llama.cpp tree, and is not on PyPI.
@@ -32,30 +33,26 @@ OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
 }
 
-#: HF architectures this writer handles (all load as llama.cpp's ``qwen2`` arch).
-ARCHITECTURES = ("Qwen2ForCausalLM",)
-
-#: Hashes of the pre-tokenizer check text that convert_hf_to_gguf.py maps to ``qwen2``.
-QWEN2_PRE_HASHES = frozenset({
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea",  # Qwen/Qwen1.5-7B
-    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c",  # Qwen/Qwen3-Embedding-0.6B
-})
-
 #: convert_hf_to_gguf.py's text for hashing a BPE pre-tokenizer (get_vocab_base_pre).
 CHKTXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'  # noqa: E501
 
 _SKIP_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 
 
-def load_hparams(model_dir: Path) -> dict:
-    """config.json of a qwen2 checkpoint; the family registry refuses Qwen v1 (convert it first)."""
+def load_hparams(model_dir: Path) -> tuple[dict, object]:
+    """config.json and family of a checkpoint the GGUF writer takes (the registry refuses Qwen v1: convert it first)."""
     from qwen_quant.models.loader import check_model
 
     _, hparams, family = check_model(model_dir)
-    arch = (hparams.get("architectures") or ["Qwen2ForCausalLM"])[0]
-    if family.name != "qwen2" or arch not in ARCHITECTURES:
-        raise QuantError(f"{model_dir}: architecture {arch} is not supported for GGUF; expected one of {ARCHITECTURES}")
-    return hparams
+    if family.gguf is None:
+        raise QuantError(f"{model_dir}: the {family.name} family has no GGUF export here; use the HF checkpoint with "
+                         "vLLM or transformers instead")
+    return hparams, family
+
+
+def gguf_arch(family) -> "gguf.MODEL_ARCH":
+    """The gguf-py architecture enum the family's file names."""
+    return getattr(gguf.MODEL_ARCH, family.gguf.arch)
 
 
 def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -83,14 +80,15 @@ def tensor_type(new_name: str, n_dims: int, outtype: str) -> gguf.GGMLQuantizati
     return OUTTYPES[outtype][0]
 
 
-def add_tensors(writer: gguf.GGUFWriter, model_dir: Path, n_layers: int, outtype: str) -> None:
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, n_layers)
+def add_tensors(writer: gguf.GGUFWriter, model_dir: Path, n_layers: int, outtype: str, family) -> None:
+    name_map = gguf.get_tensor_name_map(gguf_arch(family), n_layers)
     for name, t in iter_checkpoint(model_dir):
         if name.endswith(_SKIP_SUFFIXES):
             continue
         new_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
-            raise QuantError(f"tensor {name} in {model_dir} has no GGUF name for qwen2; is this a plain Qwen2ForCausalLM?")
+            raise QuantError(f"tensor {name} in {model_dir} has no GGUF name for {family.name}; "
+                             f"is this a plain {family.architectures[0]} checkpoint?")
         if t.dtype not in (torch.float16, torch.float32):
             t = t.to(torch.float32)
         data = t.numpy()
@@ -98,8 +96,8 @@ def add_tensors(writer: gguf.GGUFWriter, model_dir: Path, n_layers: int, outtype
         writer.add_tensor(new_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 
-def add_metadata(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict, outtype: str) -> None:
-    """general.*, the qwen2 hyper-parameters and the file type, as convert_hf_to_gguf.py writes them."""
+def add_metadata(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict, outtype: str, family=None) -> None:
+    """general.*, the family's hyper-parameters and the file type, as convert_hf_to_gguf.py writes them."""
     writer.add_type(gguf.GGUFType.MODEL)
     total, shared, expert, n_expert = writer.get_total_parameter_count()
     meta = gguf.Metadata.load(None, model_dir, None, total)
@@ -141,19 +139,21 @@ def add_metadata(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict, outtyp
     if (head_dim := hparams.get("head_dim")) is not None:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if family is not None and family.gguf.params is not None:
+        family.gguf.params(writer, hparams)  # e.g. expert counts of a MoE family
     writer.add_file_type(OUTTYPES[outtype][1])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def vocab_base(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str]:
+def vocab_base(model_dir: Path, vocab_size: int, pre_names: dict[str, str]) -> tuple[list[str], list[int], str]:
     """Tokens, token types and pre-tokenizer name, ported from convert_hf_to_gguf.py's get_vocab_base."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     chkhsh = sha256(str(tok.encode(CHKTXT)).encode()).hexdigest()
-    if chkhsh not in QWEN2_PRE_HASHES:
-        raise QuantError(f"{model_dir}: tokenizer is not the Qwen2 BPE tokenizer (pre-tokenizer hash {chkhsh[:12]}...); "
-                         "use the tokenizer files that ship with the Qwen2 model")
+    if chkhsh not in pre_names:
+        raise QuantError(f"{model_dir}: tokenizer is not the Qwen BPE tokenizer (pre-tokenizer hash {chkhsh[:12]}...); "
+                         "use the tokenizer files that ship with the model")
     reverse = {i: t for t, i in tok.vocab.items()}
     if max(reverse) >= vocab_size:
         raise QuantError(f"{model_dir}: tokenizer has ids >= config vocab_size {vocab_size}; fix config.json")
@@ -176,7 +176,7 @@ def vocab_base(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], 
         else:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
-    return tokens, types, "qwen2"
+    return tokens, types, pre_names[chkhsh]
 
 
 def _looks_special(token: str) -> bool:
@@ -187,9 +187,9 @@ def _looks_special(token: str) -> bool:
             or (token.startswith("<unused") and token.endswith(">")))
 
 
-def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
+def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, family) -> None:
     """gpt2 BPE vocab, merges, special ids and chat template (``_set_vocab_gpt2``)."""
-    tokens, types, pre = vocab_base(model_dir, vocab_size)
+    tokens, types, pre = vocab_base(model_dir, vocab_size, family.gguf.pre)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -202,11 +202,11 @@ def write_float_gguf(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
     if outtype not in OUTTYPES:
         raise QuantError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     model_dir, out = Path(model_dir), Path(out)
-    hparams = load_hparams(model_dir)
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
-    add_tensors(writer, model_dir, hparams["num_hidden_layers"], outtype)
-    add_metadata(writer, model_dir, hparams, outtype)
-    add_vocab(writer, model_dir, hparams["vocab_size"])
+    hparams, family = load_hparams(model_dir)
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf_arch(family)])
+    add_tensors(writer, model_dir, hparams["num_hidden_layers"], outtype, family)
+    add_metadata(writer, model_dir, hparams, outtype, family)
+    add_vocab(writer, model_dir, hparams["vocab_size"], family)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         writer.write_header_to_file(path=tmp)

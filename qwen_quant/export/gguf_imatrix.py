@@ -40,8 +40,11 @@ def compute_imatrix(model, samples: Iterable[Sequence[int]], n_layers: int | Non
     """
     import torch
 
+    from qwen_quant.export.gguf import gguf_arch
+    from qwen_quant.models.registry import detect_family
+
     n_layers = n_layers or model.config.num_hidden_layers
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, n_layers)
+    name_map = gguf.get_tensor_name_map(gguf_arch(detect_family(model.config.to_dict())), n_layers)
     stats = ImatrixStats()
     hooks = []
 
@@ -59,7 +62,7 @@ def compute_imatrix(model, samples: Iterable[Sequence[int]], n_layers: int | Non
             if gname is not None and gname.startswith("blk."):
                 hooks.append(mod.register_forward_pre_hook(hook(gname)))
     if not hooks:
-        raise QuantError("found no decoder linears to collect an importance matrix from; is this a Qwen2 model?")
+        raise QuantError("found no decoder linears to collect an importance matrix from; is this a Qwen model?")
     device = next(model.parameters()).device
     body = getattr(model, "base_model", model)  # skip lm_head: its 152k-row matmul is most of the cost
     n = 0

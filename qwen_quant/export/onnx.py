@@ -203,7 +203,9 @@ def export_onnx(cfg: OnnxExportConfig) -> Path:
     from qwen_quant.models.loader import check_model
 
     cfg.check()
-    src, hf_cfg, _family = check_model(cfg.model)
+    src, hf_cfg, family = check_model(cfg.model)
+    if family.onnx_type is None:
+        raise QuantError(f"{src}: {family.description} has no ONNX export: {family.onnx_hint or 'onnxruntime-genai has no model type for it'}")
     out = Path(cfg.output).expanduser() if cfg.output else cfg.default_output()
     if out.exists() and not cfg.force:
         raise QuantError(f"{out} already exists; pass --force to overwrite it or choose another -o")

@@ -23,6 +23,9 @@ def _first(v):
 
 
 def genai_config(hf_cfg: dict[str, Any], gen_cfg: dict[str, Any], model_file: str) -> dict[str, Any]:
+    from qwen_quant.models.registry import detect_family
+
+    family = detect_family(hf_cfg)
     n_heads = hf_cfg["num_attention_heads"]
     head_size = hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // n_heads
     context = hf_cfg.get("max_position_embeddings", 32768)
@@ -51,7 +54,7 @@ def genai_config(hf_cfg: dict[str, Any], gen_cfg: dict[str, Any], model_file: st
             },
             "eos_token_id": eos,
             "pad_token_id": pad,
-            "type": "qwen2",
+            "type": family.onnx_type,
             "vocab_size": hf_cfg["vocab_size"],
         },
         "search": {

@@ -45,7 +45,11 @@ def load_dequantized(model_dir: str | Path, method: str, dtype: torch.dtype = to
     if missing:
         raise RuntimeError(f"{model_dir}: tensors missing after unpacking: {sorted(missing)[:5]}")
     model.load_state_dict(sd, strict=False, assign=True)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # non-persistent buffers, not in the file
+    from qwen_quant.models.registry import detect_family
+
+    parent, _, attr = detect_family(raw).rotary_path.rpartition(".")
+    owner = model.get_submodule(parent)
+    setattr(owner, attr, type(getattr(owner, attr))(config=cfg))  # non-persistent buffers, not in the file
     if cfg.tie_word_embeddings:
         model.tie_weights()
     return model.eval()

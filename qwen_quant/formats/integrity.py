@@ -26,9 +26,6 @@ from qwen_quant.errors import QuantError
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
 
 def safetensors_header(path: Path) -> dict[str, dict]:
     """name -> {dtype, shape, data_offsets} of one safetensors file, after checking the file is whole."""
@@ -80,16 +77,6 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[list[int], str]]:
     return out
 
 
-def _dims(cfg: dict) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each linear of a Qwen2 decoder layer, from config.json."""
-    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or h // heads
-    kv = cfg.get("num_key_value_heads") or heads
-    i = cfg["intermediate_size"]
-    return {"self_attn.q_proj": (h, heads * hd), "self_attn.k_proj": (h, kv * hd), "self_attn.v_proj": (h, kv * hd),
-            "self_attn.o_proj": (heads * hd, h), "mlp.gate_proj": (h, i), "mlp.up_proj": (h, i), "mlp.down_proj": (i, h)}
-
-
 def _quant_args(cfg: dict) -> tuple[str | None, int, int]:
     qc = cfg.get("quantization_config") or {}
     method = qc.get("quant_method")
@@ -99,8 +86,12 @@ def _quant_args(cfg: dict) -> tuple[str | None, int, int]:
     return method, int(qc.get("bits") or 16), int(qc.get("group_size") or -1)
 
 
-def check_checkpoint(model_dir: str | Path, cfg: dict[str, Any]) -> None:
-    """Raise QuantError unless every shard is whole and config.json agrees with the tensors."""
+def check_checkpoint(model_dir: str | Path, cfg: dict[str, Any], family) -> None:
+    """Raise QuantError unless every shard is whole and config.json agrees with the tensors.
+
+    ``family`` (a `qwen_quant.models.Family`) gives the tensor paths and each linear's shape."""
+    from qwen_quant.models.family import template_of
+
     d = Path(model_dir)
     shapes = checkpoint_shapes(d)
     cj = d / "config.json"
@@ -110,28 +101,31 @@ def check_checkpoint(model_dir: str | Path, cfg: dict[str, Any]) -> None:
 
     if "vocab_size" not in cfg or "hidden_size" not in cfg:
         return  # not a Qwen2-style config: leave it to transformers
-    emb = shapes.get("model.embed_tokens.weight")
+    embed, head = f"{family.embed_path}.weight", f"{family.lm_head_path}.weight"
+    emb = shapes.get(embed)
     if emb is None:
-        raise bad("model.embed_tokens.weight is missing from the weights", "the checkpoint is incomplete, re-create it")
+        raise bad(f"{embed} is missing from the weights", "the checkpoint is incomplete, re-create it")
     if emb[0][0] != cfg["vocab_size"]:
-        raise bad(f"vocab_size {cfg['vocab_size']} disagrees with model.embed_tokens.weight ({emb[0][0]} rows in {emb[1]})",
+        raise bad(f"vocab_size {cfg['vocab_size']} disagrees with {embed} ({emb[0][0]} rows in {emb[1]})",
                   "set vocab_size to the embedding's rows or use the config of the model these weights came from")
     if emb[0][1] != cfg["hidden_size"]:
-        raise bad(f"hidden_size {cfg['hidden_size']} disagrees with model.embed_tokens.weight ({emb[0][1]} columns)",
+        raise bad(f"hidden_size {cfg['hidden_size']} disagrees with {embed} ({emb[0][1]} columns)",
                   "use the config of the model these weights came from")
-    heads = [n for n in shapes if n.startswith("lm_head.")]
+    heads = [n for n in shapes if n.startswith(family.lm_head_path + ".")]
     if not cfg.get("tie_word_embeddings", False) and not heads:
         raise bad("tie_word_embeddings is false but the weights have no lm_head", "the lm_head tensor is missing: "
                   "re-create the checkpoint (or set tie_word_embeddings true if the model really ties them)")
-    if "lm_head.weight" in shapes and shapes["lm_head.weight"][0][0] != cfg["vocab_size"]:
-        raise bad(f"vocab_size {cfg['vocab_size']} disagrees with lm_head.weight ({shapes['lm_head.weight'][0][0]} rows)",
+    if head in shapes and shapes[head][0][0] != cfg["vocab_size"]:
+        raise bad(f"vocab_size {cfg['vocab_size']} disagrees with {head} ({shapes[head][0][0]} rows)",
                   "use the config of the model these weights came from")
     method, bits, gs = _quant_args(cfg)
-    dims = _dims(cfg)
+    if family.linear_shapes is None:
+        return
+    dims = family.linear_shapes(cfg)
     for layer in range(cfg.get("num_hidden_layers", 0)):
-        for lin, (i, o) in dims.items():
-            name = f"model.layers.{layer}.{lin}"
-            _check_linear(name, i, o, shapes, method, bits, gs, bad)
+        for lin in (n for g in family.layer_groups(cfg, layer) for n in g):
+            i, o = dims[template_of(lin)]
+            _check_linear(f"{family.layers_path}.{layer}.{lin}", i, o, shapes, method, bits, gs, bad)
 
 
 def _check_linear(name, i, o, shapes, method, bits, gs, bad) -> None:
@@ -323,11 +317,11 @@ def check_gguf(path: str | Path) -> None:
             end = idx.data_start + off + idx.nbytes(dims, ttype)
             if end > size:
                 raise QuantError(f"{p} is truncated: tensor {name} ends at byte {end} but the file has {size}; re-export it")
-        arch = idx.get("general.architecture") or "qwen2"
+        arch = idx.get("general.architecture")
         tens = {name: dims for name, dims, _, _ in idx.tensors}  # gguf order: [in, out]
         for key, tensor, axis in ((f"{arch}.embedding_length", "token_embd.weight", 0),
                                   (f"{arch}.feed_forward_length", "blk.0.ffn_up.weight", 1)):
-            v = idx.get(key)
+            v = idx.get(key) if arch else None
             if v is not None and tensor in tens and tens[tensor][axis] != int(v):
                 raise QuantError(f"{p}: {key} = {v} but {tensor} has shape {tens[tensor]}; the metadata contradicts the "
                                  "tensors, re-export the GGUF")

@@ -57,10 +57,10 @@ def check_model(path: str | Path) -> tuple[Path, dict[str, Any], QwenFamily]:
     fam = detect_family(cfg, p)
     if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
         raise QuantError(f"{p} has config.json but no weight files (*.safetensors); the download may be incomplete")
-    if cfg.get("model_type") == "qwen2" and any(p.glob("*.safetensors")):
+    if fam.supported and any(p.glob("*.safetensors")):
         from qwen_quant.formats.integrity import check_checkpoint
 
-        check_checkpoint(p, cfg)  # truncated shards, config contradicting tensors: one line, exit 2
+        check_checkpoint(p, cfg, fam)  # truncated shards, config contradicting tensors: one line, exit 2
     return p, cfg, fam
 
 

@@ -1,4 +1,4 @@
-"""The registry of Qwen families: one small table per family, asked by every other module.
+"""The registry of Qwen families (one file each under `families/`), asked by every other module.
 
 A family says how to recognise a checkpoint from its config.json, where the decoder layers live,
 which linears a quantizer visits in which order (true-sequential groups: the inputs of a later group
@@ -13,52 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from qwen_quant.errors import QuantError
+from qwen_quant.models.families import FAMILIES, qwen2, qwen_v1
+from qwen_quant.models.family import Family, rope_theta_of, template_of
+
+QwenFamily = Family  # the name other modules have used
+QWEN2 = qwen2.FAMILY
+QWEN_V1 = qwen_v1.FAMILY
 
 
-@dataclass(frozen=True)
-class QwenFamily:
-    name: str
-    description: str
-    model_types: tuple[str, ...]
-    architectures: tuple[str, ...]
-    layers_path: str = "model.layers"
-    embed_path: str = "model.embed_tokens"
-    norm_path: str = "model.norm"
-    lm_head_path: str = "lm_head"
-    # Linears of one decoder layer, in quantization order; linears in one group share their input.
-    linear_groups: tuple[tuple[str, ...], ...] = ()
-    qkv_bias: bool = True
-    supported: bool = True
-    hint: str = ""  # what to do when the family is recognised but not supported directly
-
-
-QWEN2 = QwenFamily(
-    name="qwen2",
-    description="Qwen1.5 / Qwen2 / Qwen2.5 (transformers Qwen2ForCausalLM)",
-    model_types=("qwen2",),
-    architectures=("Qwen2ForCausalLM",),
-    linear_groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-)
-
-QWEN_V1 = QwenFamily(
-    name="qwen-v1",
-    description="Qwen v1 (Qwen-7B/14B/72B, remote-code QWenLMHeadModel, qwen.tiktoken)",
-    model_types=("qwen",),
-    architectures=("QWenLMHeadModel",),
-    layers_path="transformer.h",
-    embed_path="transformer.wte",
-    norm_path="transformer.ln_f",
-    linear_groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.w1", "mlp.w2"), ("mlp.c_proj",)),
-    supported=False,
-    hint="convert it to the qwen2 layout first: qwen-quant convert {path} -o {path}-qwen2",
-)
-
-FAMILIES: tuple[QwenFamily, ...] = (QWEN2, QWEN_V1)
+def family_named(name: str) -> Family:
+    for fam in FAMILIES:
+        if fam.name == name:
+            return fam
+    raise QuantError(f"unknown family {name!r}; qwen-quant knows {', '.join(f.name for f in FAMILIES)}")
 
 
 def detect_family(config: dict[str, Any], model_dir: Path | str | None = None, *, allow_unsupported: bool = False) -> QwenFamily:
@@ -94,6 +61,7 @@ class ModelInfo:
     rms_norm_eps: float
     tied_embeddings: bool
     qkv_bias: bool
+    qk_norm: bool
     dtype: str
     params: int = 0
     quantization: dict[str, Any] = field(default_factory=dict)
@@ -106,16 +74,14 @@ class ModelInfo:
         q = ["tied embeddings" if self.tied_embeddings else "untied lm_head"]
         if self.qkv_bias:
             q.append("qkv bias")
+        if self.qk_norm:
+            q.append("qk-norm")
+        if self.head_dim * self.num_heads != self.hidden_size:
+            q.append(f"head_dim {self.head_dim} (not hidden/heads)")
         q.append(f"GQA {self.num_heads}:{self.num_kv_heads}" if self.gqa else "MHA")
         if self.intermediate_size % 1024:
             q.append(f"intermediate {self.intermediate_size} not a multiple of 1024")
         return q
-
-
-def rope_theta_of(config: dict[str, Any]) -> float:
-    """rope theta from either the classic field or transformers 5's rope_parameters."""
-    rp = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    return float(config.get("rope_theta") or rp.get("rope_theta") or 10000.0)
 
 
 def model_info(config: dict[str, Any], model_dir: Path | str | None = None) -> ModelInfo:
@@ -125,13 +91,30 @@ def model_info(config: dict[str, Any], model_dir: Path | str | None = None) -> M
     head_dim = config.get("head_dim") or h // heads
     inter, layers, vocab = config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
     tied = bool(config.get("tie_word_embeddings", False))
-    per_layer = h * heads * head_dim * 2 + h * kv * head_dim * 2 + 3 * h * inter + (heads + 2 * kv) * head_dim + 2 * h
-    params = per_layer * layers + vocab * h * (1 if tied else 2) + h
+    params = _params(fam, config) + vocab * h * (1 if tied else 2) + h
     return ModelInfo(
         family=fam.name, hidden_size=h, intermediate_size=inter, num_layers=layers, num_heads=heads,
         num_kv_heads=kv, head_dim=head_dim, vocab_size=vocab,
         max_positions=config.get("max_position_embeddings", 32768), rope_theta=rope_theta_of(config),
-        rms_norm_eps=config.get("rms_norm_eps", 1e-6), tied_embeddings=tied, qkv_bias=fam.qkv_bias,
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6), tied_embeddings=tied, qkv_bias=fam.qkv_bias, qk_norm=fam.qk_norm,
         dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"), params=params,
         quantization=dict(config.get("quantization_config") or {}),
     )
+
+
+def _params(fam: Family, config: dict[str, Any]) -> int:
+    """Weights of every decoder layer from the family's linear shapes (+ biases and norms)."""
+    if fam.linear_shapes is None:
+        return 0
+    shapes = fam.linear_shapes(config)
+    total = 0
+    for layer in range(config["num_hidden_layers"]):
+        for group in fam.layer_groups(config, layer):
+            for name in group:
+                i, o = shapes[template_of(name)]
+                total += i * o
+        total += 2 * config["hidden_size"]
+    if fam.qkv_bias:
+        total += sum(shapes[n][1] for n in fam.linear_groups[0]) * config["num_hidden_layers"]
+    return total
+

@@ -32,35 +32,19 @@ rounding differs slightly (a linear's output error is no longer rounded to fp16 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from qwen_quant.errors import QuantError
 from qwen_quant.quantize.config import QuantConfig
 from qwen_quant.quantize.gptq import Hessian
 from qwen_quant.quantize.grid import Grid, QuantResult, quantize_codes
+from qwen_quant.models.family import ScalePair
 from qwen_quant.quantize.layerwise import Layerwise, get_module
 
 
-@dataclass(frozen=True)
-class ScalePair:
-    prev: str  # op whose output feeds ``linears``: an RMSNorm or a linear
-    linears: tuple[str, ...]
-    inspect: str | None = None  # block whose output MSE is minimised (None: the single linear)
-    attention: bool = False  # the block needs position embeddings
-
-
-# Per family: AutoAWQ's ``get_layers_for_scaling`` as data. v_proj -> o_proj only applies when the
-# shapes match (MHA); with GQA o_proj has more in-features than v_proj has outputs.
-SCALE_PAIRS: dict[str, tuple[ScalePair, ...]] = {
-    "qwen2": (
-        ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn", True),
-        ScalePair("self_attn.v_proj", ("self_attn.o_proj",)),
-        ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-        ScalePair("mlp.up_proj", ("mlp.down_proj",)),
-    ),
-}
+# The scalable pairs of each family (AutoAWQ's ``get_layers_for_scaling`` as data) live in the family
+# files: `Family.scale_pairs`. v_proj -> o_proj only applies when the shapes match (MHA); with GQA
+# o_proj has more in-features than v_proj has outputs.
 NO_CLIP = ("q_proj", "k_proj")  # AutoAWQ's avoid_clipping: the q.k product makes clipping error hard to see
 DEFAULTS = {"clip": True, "duo_scaling": True, "n_grid": 20, "max_shrink": 0.5, "clip_tokens": 512}
 
@@ -248,7 +232,7 @@ def apply_clip(lin: torch.nn.Linear, max_val: torch.Tensor, grid: Grid) -> None:
 # -- one layer ----------------------------------------------------------------------------------
 def _pairs(lw: Layerwise, layer: torch.nn.Module) -> list[ScalePair]:
     pairs = []
-    for p in SCALE_PAIRS[lw.family.name]:
+    for p in lw.family.scale_pairs:
         prev = get_module(layer, p.prev)
         first = get_module(layer, p.linears[0])
         if isinstance(prev, torch.nn.Linear) and prev.out_features != first.in_features:
@@ -262,9 +246,9 @@ def quantize_layer(lw: Layerwise, layer: torch.nn.Module, hidden: torch.Tensor, 
                    grid: Grid) -> dict[str, QuantResult]:
     """AWQ for one decoder layer (the `run.quantize_model` hook): scales, clip, RTN, in place."""
     opts = {**DEFAULTS, **cfg.options}
-    if lw.family.name not in SCALE_PAIRS:
+    if not lw.family.scale_pairs:
         raise QuantError(f"AWQ has no scaling table for the {lw.family.name} family; use gptq for it")
-    groups = lw.family.linear_groups
+    groups = lw.family.layer_groups(lw.config, lw.layer_index)
     names = [n for g in groups for n in g]
     source = {n: g[0] for g in groups for n in g}  # linears of one group share one input tensor
     pairs = _pairs(lw, layer)

@@ -52,31 +52,35 @@ class QuantConfig:
             raise QuantError(f"--damp {self.damp} must be between 0 and 1 (fraction of the mean Hessian diagonal)")
 
 
-def plan_padding(cfg: QuantConfig, hf: dict) -> int:
-    """Extra zero intermediate units to add, or a QuantError that says why and what to do.
+def plan_padding(cfg: QuantConfig, hf: dict, family) -> int:
+    """Extra zero units to add to the family's paddable dimension, or a QuantError that says why.
 
-    Only the MLP's intermediate size may be padded: zero rows in gate/up and zero columns in down
-    leave the model's function unchanged (silu(0) * 0 = 0). ``--pad`` pads it to a multiple of
-    8 x group size, which is what Qwen did for Qwen2-72B's GPTQ/AWQ releases (29568 -> 29696), so
-    that groups also split evenly across up to 8 GPUs of tensor parallelism.
+    Every linear's in-features must split into whole groups and whole int32 words of codes. Only a
+    dimension the family declares paddable (the MLP's intermediate size: zero rows in gate/up and
+    zero columns in down leave the model's function unchanged, silu(0) * 0 = 0) may be fixed:
+    ``--pad`` pads it to a multiple of 8 x group size, which is what Qwen did for Qwen2-72B's
+    GPTQ/AWQ releases (29568 -> 29696), so that groups also split evenly across up to 8 GPUs of
+    tensor parallelism.
     """
     gs, bits = cfg.group_size, cfg.bits
-    hidden = hf["hidden_size"]
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hidden // heads
-    inter = hf["intermediate_size"]
     word = 32 // math.gcd(bits, 32)  # in-features per whole int32 word of codes
-    dims = {"hidden size (q/k/v/gate/up in-features)": hidden, "attention width (o_proj in-features)": heads * head_dim}
-    for what, d in dims.items():
-        if gs != -1 and d % gs:
-            raise QuantError(f"group size {gs} does not divide the {what} {d}; choose a group size that divides it")
-        if d % word:
-            raise QuantError(f"the {what} {d} cannot be packed at {bits} bits (needs a multiple of {word})")
     step = word if gs == -1 else gs * word // math.gcd(gs, word)
+    pad = family.padding[0] if family.padding else None
+    padded = set(pad.cols) if pad else set()
+    for name, (d, _) in (family.linear_shapes(hf) if family.linear_shapes else {}).items():
+        if name in padded:
+            continue
+        if gs != -1 and d % gs:
+            raise QuantError(f"group size {gs} does not divide the in-features {d} of {name}; choose a group size that divides it")
+        if d % word:
+            raise QuantError(f"the in-features {d} of {name} cannot be packed at {bits} bits (needs a multiple of {word})")
+    if pad is None:
+        return 0
+    inter = hf[pad.key]
     if cfg.pad:
         step = step * 8 if gs != -1 else step
         return (-inter) % step
     if inter % step:
-        raise QuantError(f"group size {gs} does not divide the intermediate size {inter} (down_proj in-features); "
+        raise QuantError(f"group size {gs} does not divide the {pad.key.replace('_', ' ')} {inter} ({', '.join(pad.cols)} in-features); "
                          "pass --pad to pad it with zero units (exact, as Qwen did for Qwen2-72B) or choose another group size")
     return 0

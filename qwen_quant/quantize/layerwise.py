@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 
 from qwen_quant.formats.checkpoint import WeightStore
-from qwen_quant.models.registry import QwenFamily
+from qwen_quant.models.family import Family
 
 
 def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -29,31 +29,35 @@ def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
 class Layerwise:
     model_dir: str
     config: dict
-    family: QwenFamily
+    family: Family
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     intermediate_pad: int = 0  # extra zero intermediate units (see `--pad`)
     batch_size: int = 4
+    layer_index: int = 0  # the decoder layer last loaded
 
     def __post_init__(self):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.store = WeightStore(self.model_dir)
         cfg = AutoConfig.from_pretrained(self.model_dir)
-        cfg.intermediate_size += self.intermediate_pad
+        pads = self.family.padding
+        if self.intermediate_pad:
+            setattr(cfg, pads[0].key, getattr(cfg, pads[0].key) + self.intermediate_pad)
         self.hf_config = cfg
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=self.dtype)
         self.layers = get_module(self.skeleton, self.family.layers_path)
-        self.rotary = type(self.skeleton.model.rotary_emb)(config=cfg).to(self.device)
+        self.rotary = type(get_module(self.skeleton, self.family.rotary_path))(config=cfg).to(self.device)
 
     # -- weights -----------------------------------------------------------------------------
     def _tensor(self, name: str, store: WeightStore | None = None) -> torch.Tensor:
         t = (store or self.store).get(name)
         if self.intermediate_pad:
-            if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+            pad = self.family.padding[0]
+            if name.endswith(tuple(f".{n}.weight" for n in pad.rows)):
                 t = torch.cat([t, t.new_zeros(self.intermediate_pad, t.shape[1])], 0)
-            elif name.endswith("mlp.down_proj.weight"):
+            elif name.endswith(tuple(f".{n}.weight" for n in pad.cols)):
                 t = torch.cat([t, t.new_zeros(t.shape[0], self.intermediate_pad)], 1)
         return t
 
@@ -80,6 +84,8 @@ class Layerwise:
     def load(self, path: str) -> torch.nn.Module:
         """Materialise module ``path`` (e.g. "model.layers.3") on the device (prefetched if started)."""
         module = get_module(self.skeleton, path)
+        if path.startswith(self.family.layers_path + "."):
+            self.layer_index = int(path.rsplit(".", 1)[1])  # which layer the family's module tree is asked for
         if hasattr(self, "_prefetcher"):
             host = self._prefetcher.get(path)
             sd = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}

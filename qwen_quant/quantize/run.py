@@ -139,7 +139,7 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
     out = Path(cfg.output)
     if out.exists() and not cfg.force:
         raise QuantError(f"output {out} already exists; pass --force to replace it or choose another -o")
-    pad = plan_padding(cfg, hf)
+    pad = plan_padding(cfg, hf, fam)
     device = pick_device(cfg.device)
     compute = torch.float32 if device == "cpu" else torch.float16
     out_dtype = torch.float16 if cfg.format in ("gptq", "awq") else torch.float32 if device == "cpu" else torch.bfloat16
@@ -199,7 +199,8 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
                 else:
                     # true-sequential: each group's inputs are recaptured after the earlier groups were
                     # quantized (4 capture passes); otherwise one pass captures every linear's input
-                    passes = [(g,) for g in fam.linear_groups] if cfg.true_sequential else [fam.linear_groups]
+                    groups = fam.layer_groups(hf, i)
+                    passes = [(g,) for g in groups] if cfg.true_sequential else [groups]
                     for groups in passes:
                         results.update(quantize_group(lw, layer, groups, hidden, cfg, grid))
                 phase("quantize")
@@ -232,7 +233,9 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
         if not hf.get("tie_word_embeddings", False):
             writer.add({k: v.to(out_dtype) for k, v in lw.raw(fam.lm_head_path).items()})
         new_cfg = dict(hf)
-        new_cfg["intermediate_size"] = hf["intermediate_size"] + pad
+        if pad:
+            key = fam.padding[0].key
+            new_cfg[key] = hf[key] + pad
         new_cfg["quantization_config"] = _format_config(cfg)
         new_cfg["dtype"] = new_cfg["torch_dtype"] = str(out_dtype).replace("torch.", "")
         t_drain = time.perf_counter()

@@ -67,7 +67,7 @@ def resolve_source(recipe: Recipe, outdir: Path, state: st.State) -> Path:
         src = resolve_model(ref)
     if not recipe.source.convert:
         return src
-    from qwen_quant.convert.qwen_v1 import ConvertConfig, convert_qwen_v1
+    from qwen_quant.models.convert.qwen_v1 import ConvertConfig, convert_qwen_v1
 
     out = outdir / f"{src.name}-qwen2"
     k = st.key("convert", st.path_fingerprint(src), recipe.source.allow_pickle)

@@ -28,6 +28,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from qwen_quant.models.registry import QWEN2
+
 TRAIN_VERSION = 2
 
 
@@ -47,6 +49,8 @@ class FixtureSpec:
     steps: int = 300
     lr: float = 3e-3
     seed: int = 0
+    model_type: str = QWEN2.model_types[0]  # any supported family's transformers model type
+    extra: tuple[tuple[str, object], ...] = ()  # further config.json fields (head_dim, experts, ...)
 
 
 FIXTURES: dict[str, FixtureSpec] = {s.name: s for s in (
@@ -99,7 +103,11 @@ def cache_root() -> Path:
 
 
 def _key(spec: FixtureSpec, texts: list[str]) -> str:
-    h = hashlib.sha256(json.dumps([asdict(spec), TRAIN_VERSION]).encode())
+    d = asdict(spec)
+    for k in ("model_type", "extra"):  # fields added later: a qwen2 spec keeps the key it always had
+        if d[k] == FixtureSpec.__dataclass_fields__[k].default:
+            del d[k]
+    h = hashlib.sha256(json.dumps([d, TRAIN_VERSION]).encode())
     for t in texts:
         h.update(t.encode())
     h.update((tokenizer_dir() / "tokenizer.json").read_bytes())
@@ -142,20 +150,20 @@ def _cached(out: Path, build) -> Path:
     return out
 
 
-def _qwen2_config(spec: FixtureSpec, vocab_size: int, eos: int):
-    from transformers import Qwen2Config
+def _config(spec: FixtureSpec, vocab_size: int, eos: int):
+    from transformers import AutoConfig
 
-    return Qwen2Config(
-        vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+    return AutoConfig.for_model(
+        spec.model_type, vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
         max_position_embeddings=spec.max_positions, rope_theta=spec.rope_theta, rms_norm_eps=1e-6,
-        tie_word_embeddings=spec.tied, bos_token_id=eos, eos_token_id=eos, use_sliding_window=False,
+        tie_word_embeddings=spec.tied, bos_token_id=eos, eos_token_id=eos, use_sliding_window=False, **dict(spec.extra),
     )
 
 
 def _build(spec: FixtureSpec, texts: list[str], out: Path, quiet: bool) -> None:
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from qwen_quant.progress import progress
 
@@ -172,7 +180,7 @@ def _build(spec: FixtureSpec, texts: list[str], out: Path, quiet: bool) -> None:
     # Train with vocabulary = active tokens + one "sink" row that stands for every unseen token:
     # its logit carries +log(n_unseen), which is exactly the full softmax if all unseen rows are equal.
     torch.manual_seed(spec.seed)
-    small = Qwen2ForCausalLM(_qwen2_config(spec, n_active + 1, int(torch.searchsorted(active, torch.tensor(eos)))))
+    small = AutoModelForCausalLM.from_config(_config(spec, n_active + 1, int(torch.searchsorted(active, torch.tensor(eos)))))
     offset = torch.zeros(n_active + 1)
     offset[-1] = float(torch.log(torch.tensor(float(n_unseen))))
     opt = torch.optim.AdamW(small.parameters(), lr=spec.lr, weight_decay=0.0)
@@ -192,7 +200,7 @@ def _build(spec: FixtureSpec, texts: list[str], out: Path, quiet: bool) -> None:
             opt.zero_grad(set_to_none=True)
             advance(info=f"loss {loss.item():.3f}")
 
-    full = Qwen2ForCausalLM(_qwen2_config(spec, spec.vocab_size, eos))
+    full = AutoModelForCausalLM.from_config(_config(spec, spec.vocab_size, eos))
     _expand(small, full, active)
     full.config.dtype = "float32"
     full.save_pretrained(str(out), safe_serialization=True)

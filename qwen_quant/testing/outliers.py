@@ -85,9 +85,10 @@ class OutlierSpec:
 
 
 def _pairs(model) -> list:
-    from qwen_quant.quantize.awq import SCALE_PAIRS
+    from qwen_quant.models.registry import detect_family
 
-    return [p for p in SCALE_PAIRS["qwen2"] if p.prev != "self_attn.v_proj"]  # v->o is not exact under GQA
+    family = detect_family(model.config.to_dict())
+    return [p for p in family.scale_pairs if p.exact_with_gqa]  # v->o is not exact under GQA
 
 
 def _scale(layer, pair, idx: torch.Tensor, c: torch.Tensor) -> None:
@@ -257,9 +258,9 @@ def channel_outlier_ratio(model, ids: torch.Tensor) -> dict[str, float]:
 # -- building a cached fixture ------------------------------------------------------------------
 def build(base: Path, out: Path, spec: OutlierSpec, name: str) -> None:
     """Load fixture ``base``, transform it, and write a complete model folder to ``out``."""
-    from transformers import AutoTokenizer, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = Qwen2ForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
     record = add_outliers(model, spec)
     if spec.fp16_overflow:
         record.update(plant_fp16_overflow(model, AutoTokenizer.from_pretrained(str(base)), spec.fp16_overflow_layer,

@@ -104,7 +104,7 @@ def gguf_view(path: Path, paragraphs: list[str]) -> dict[str, Any]:
     idx = GGUFIndex(path)  # gguf-py's reader parses the whole vocabulary into numpy objects: seconds
     try:
         get = idx.get
-        arch = get("general.architecture") or "qwen2"
+        arch = get("general.architecture") or ""
         kind = get(f"{arch}.rope.scaling.type")
         view = {"where": "GGUF keys, llama.cpp's tokenizer",
                 "context_length": get(f"{arch}.context_length"), "rope_theta": get(f"{arch}.rope.freq_base"),

@@ -53,12 +53,9 @@ def chat_prompts(tokenizer, texts: Sequence[str] | None = None) -> list[list[int
 
 
 def _decoder_layers(model):
-    for path in ("model.layers", "transformer.h"):
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            continue
-    raise ValueError("no decoder layers found (model.layers / transformer.h)")
+    from qwen_quant.models.registry import detect_family
+
+    return model.get_submodule(detect_family(model.config.to_dict()).layers_path)
 
 
 def layer_peaks(model, prompts: Sequence[Sequence[int]]) -> tuple[list[dict], list[torch.Tensor]]:

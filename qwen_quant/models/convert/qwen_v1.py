@@ -31,8 +31,8 @@ from typing import Iterator
 
 import torch
 
-from qwen_quant.convert import tiktoken_tok
-from qwen_quant.convert.v1_report import conversion_report
+from qwen_quant.models.convert import tiktoken_tok
+from qwen_quant.models.convert.v1_report import conversion_report
 from qwen_quant.errors import QuantError
 from qwen_quant.progress import progress
 

@@ -1,0 +1,153 @@
+"""What a Qwen family is, as data: the table each file under ``models/families/`` fills in.
+
+A family says how to recognise a checkpoint, where its parts live, which linears a quantizer visits
+in which order, what stays in full precision, how AWQ may fold scales, which dimensions may be
+padded, and how exporters name it (the GGUF architecture and tensor map, the onnxruntime-genai
+model type). Every module outside ``qwen_quant/models/`` asks a `Family`; none names an
+architecture itself. The shape follows GPTQModel's model definitions: a short declarative table per
+architecture, no base-class machinery.
+
+Module names are relative to one decoder layer. ``#`` stands for an expert index in Mixture-of-Experts
+layers (``mlp.experts.#.down_proj``); `Family.expand` turns a template into the layer's real names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class ScalePair:
+    """One AWQ scaling: the op whose output feeds ``linears`` gets 1/s folded in, the linears s.
+
+    ``inspect``: the block whose output error the search minimises (None: the single linear);
+    ``attention``: that block needs position embeddings; ``exact_with_gqa``: the fold is exact when
+    K/V heads are shared (False for v -> o, whose outputs are repeated across heads).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str | None = None
+    attention: bool = False
+    exact_with_gqa: bool = True
+
+
+@dataclass(frozen=True)
+class Padding:
+    """A config dimension that may be padded with zero units without changing the model's function:
+    ``rows`` linears gain zero output rows, ``cols`` linears gain zero input columns."""
+
+    key: str
+    rows: tuple[str, ...]
+    cols: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MoE:
+    """Where a Mixture-of-Experts layer keeps its experts, as transformers' modeling code names them.
+
+    ``sparse(config, layer)`` says whether decoder layer ``layer`` has experts (some families keep
+    dense layers: ``decoder_sparse_step``, ``mlp_only_layers``).
+    """
+
+    experts: str = "mlp.experts"
+    num_experts_key: str = "num_experts"
+    top_k_key: str = "num_experts_per_tok"
+    intermediate_key: str = "moe_intermediate_size"
+    router: str = "mlp.gate"
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
+    shared_intermediate_key: str | None = None
+    sparse: Callable[[dict, int], bool] = lambda config, layer: True
+
+
+@dataclass(frozen=True)
+class GGUFNames:
+    """The llama.cpp side: ``arch`` is the gguf-py ``MODEL_ARCH`` member's name; ``pre`` maps the hash
+    of convert_hf_to_gguf.py's check text to the pre-tokenizer name it writes."""
+
+    arch: str
+    pre: dict[str, str] = field(default_factory=dict)
+    params: Callable[[Any, dict], None] | None = None  # family-specific add_* calls on a GGUFWriter
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    description: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    layers_path: str = "model.layers"
+    embed_path: str = "model.embed_tokens"
+    norm_path: str = "model.norm"
+    lm_head_path: str = "lm_head"
+    rotary_path: str = "model.rotary_emb"
+    # Linears of one decoder layer in quantization order: true-sequential groups, each a tuple of
+    # linears that read the same input (one Hessian, one stacked solve).
+    linear_groups: tuple[tuple[str, ...], ...] = ()
+    # (in_features, out_features) of each linear from config.json: integrity checks and padding plans.
+    linear_shapes: Callable[[dict], dict[str, tuple[int, int]]] | None = None
+    # Modules that stay in full precision in every quantized format (routers, gates).
+    full_precision: tuple[str, ...] = ()
+    scale_pairs: tuple[ScalePair, ...] = ()
+    padding: tuple[Padding, ...] = ()
+    moe: MoE | None = None
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    gguf: GGUFNames | None = None
+    onnx_type: str | None = None  # onnxruntime-genai's model type; None: not supported
+    onnx_hint: str = ""
+    supported: bool = True
+    hint: str = ""  # what to do when the family is recognised but not supported directly
+
+    def layer_groups(self, config: dict, layer: int) -> tuple[tuple[str, ...], ...]:
+        """`linear_groups` of decoder layer ``layer``, every ``#`` expanded to the expert indices
+        (groups with no linear in this layer, such as the experts of a dense layer, drop out)."""
+        out = []
+        for g in self.linear_groups:
+            names = tuple(name for n in g for name in self.expand(n, config, layer))
+            if names:
+                out.append(names)
+        return tuple(out)
+
+    def expand(self, name: str, config: dict, layer: int) -> list[str]:
+        """The real module names of template ``name`` in decoder layer ``layer`` ([] where it has none).
+
+        In a MoE family the experts (and the shared expert) exist only in sparse layers, and the other
+        ``mlp.*`` linears (a dense MLP) only in the layers that stay dense."""
+        moe = self.moe
+        if moe is None:
+            return [name]
+        sparse = moe.sparse(config, layer)
+        in_moe = name.startswith((moe.experts + ".",) + ((moe.shared_expert + ".",) if moe.shared_expert else ()))
+        if in_moe != sparse and (in_moe or name.startswith("mlp.")):
+            return []
+        if "#" not in name:
+            return [name]
+        return [name.replace("#", str(e)) for e in range(config[moe.num_experts_key])]
+
+
+def rope_theta_of(config: dict[str, Any]) -> float:
+    """rope theta from either the classic field or transformers 5's rope_parameters."""
+    rp = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return float(config.get("rope_theta") or rp.get("rope_theta") or 10000.0)
+
+
+def attention_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) of q/k/v/o for the Qwen attention block (explicit ``head_dim`` where the config has one)."""
+    h, heads = config["hidden_size"], config["num_attention_heads"]
+    hd = config.get("head_dim") or h // heads
+    kv = config.get("num_key_value_heads") or heads
+    return {"self_attn.q_proj": (h, heads * hd), "self_attn.k_proj": (h, kv * hd), "self_attn.v_proj": (h, kv * hd),
+            "self_attn.o_proj": (heads * hd, h)}
+
+
+def mlp_shapes(config: dict, prefix: str = "mlp", key: str = "intermediate_size") -> dict[str, tuple[int, int]]:
+    h, i = config["hidden_size"], config[key]
+    return {f"{prefix}.gate_proj": (h, i), f"{prefix}.up_proj": (h, i), f"{prefix}.down_proj": (i, h)}
+
+
+def template_of(name: str) -> str:
+    """The family-table name of a real module name: ``mlp.experts.3.down_proj`` -> ``mlp.experts.#.down_proj``."""
+    return ".".join("#" if part.isdigit() else part for part in name.split("."))
