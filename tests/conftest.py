@@ -39,6 +39,12 @@ def model_72b() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_model() -> Path:
+    """Like Qwen3-0.6B: tied embeddings, GQA 4:2, no qkv bias, q/k RMSNorm, head_dim 64 != 128/4."""
+    return _fixture("qwen3-tiny")
+
+
+@pytest.fixture(scope="session")
 def perturbed(untied_model, tmp_path_factory) -> Path:
     """A copy of the untied fixture with noise on one layer's MLP (every metric moves, predictably)."""
     import shutil

@@ -58,6 +58,8 @@ FIXTURES: dict[str, FixtureSpec] = {s.name: s for s in (
     FixtureSpec("qwen2-tiny-untied", "Qwen1.5-7B: untied lm_head, MHA, qkv bias", 128, 384, 2, 4, 4, False),
     FixtureSpec("qwen2-tiny-72b", "Qwen2-72B: GQA 8:1, intermediate 7x128 (odd group count, not a multiple of 1024), vocab 152064",
                 128, 896, 2, 8, 1, False, vocab_size=152064),
+    FixtureSpec("qwen3-tiny", "Qwen3-0.6B/1.7B: tied embeddings, GQA, no qkv bias, q/k RMSNorm, head_dim 64 != hidden/heads",
+                128, 384, 2, 4, 2, True, model_type="qwen3", extra=(("head_dim", 64),)),
 )}
 DEFAULT_FIXTURE = "qwen2-tiny-tied"
 
