@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from qwen_quant.models.families import qwen3
 from qwen_quant.models.registry import QWEN2
 
 TRAIN_VERSION = 2
@@ -59,14 +60,14 @@ FIXTURES: dict[str, FixtureSpec] = {s.name: s for s in (
     FixtureSpec("qwen2-tiny-72b", "Qwen2-72B: GQA 8:1, intermediate 7x128 (odd group count, not a multiple of 1024), vocab 152064",
                 128, 896, 2, 8, 1, False, vocab_size=152064),
     FixtureSpec("qwen3-tiny", "Qwen3-0.6B/1.7B: tied embeddings, GQA, no qkv bias, q/k RMSNorm, head_dim 64 != hidden/heads",
-                128, 384, 2, 4, 2, True, model_type="qwen3", extra=(("head_dim", 64),)),
+                128, 384, 2, 4, 2, True, model_type=qwen3.FAMILY.model_types[0], extra=(("head_dim", 64),)),
 )}
 DEFAULT_FIXTURE = "qwen2-tiny-tied"
 
 
 @dataclass(frozen=True)
 class DerivedSpec:
-    """A trained fixture passed through the function-preserving transform of `outliers` (issue 16)."""
+    """A trained fixture passed through the function-preserving transform of `outliers`."""
 
     name: str
     base: str
