@@ -146,14 +146,14 @@ def gptq(
     """
     from qwen_quant.calib import CalibConfig
     from qwen_quant.progress import set_quiet
-    from qwen_quant.quantize import QuantConfig, quantize_model
+    from qwen_quant.quantize import GPTQConfig, RTNConfig, quantize_model
     from qwen_quant.validate import EvalConfig
 
     set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
-    cfg = QuantConfig(model=model, output=str(output), method="rtn" if rtn else "gptq", bits=bits, group_size=group_size,
-                      sym=sym, desc_act=desc_act, damp=damp, true_sequential=true_sequential, format=fmt, calib=CalibConfig(calib, nsamples, seqlen, seed),
-                      chat=chat, device=device, pad=pad, force=force, validate=validate,
-                      eval=EvalConfig(ctx=ctx, max_tokens=max_tokens))
+    common = dict(model=model, output=str(output), bits=bits, group_size=group_size, sym=sym, true_sequential=true_sequential,
+                  format=fmt, calib=CalibConfig(calib, nsamples, seqlen, seed), chat=chat, device=device, pad=pad,
+                  force=force, validate=validate, eval=EvalConfig(ctx=ctx, max_tokens=max_tokens))
+    cfg = RTNConfig(**common) if rtn else GPTQConfig(**common, desc_act=desc_act, damp=damp)
     out, report = quantize_model(cfg)
     _print_quant_summary(report.extra["quantize"], out)
     _emit(report, json_out, f"qwen-quant gptq: {out}")
@@ -188,15 +188,14 @@ def awq(
     """
     from qwen_quant.calib import CalibConfig
     from qwen_quant.progress import set_quiet
-    from qwen_quant.quantize import QuantConfig
-    from qwen_quant.quantize.awq import quantize_awq
+    from qwen_quant.quantize import AWQConfig, quantize_model
     from qwen_quant.validate import EvalConfig
 
     set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
-    cfg = QuantConfig(model=model, output=str(output), method="awq", bits=bits, group_size=group_size, sym=not zero_point,
+    cfg = AWQConfig(model=model, output=str(output), bits=bits, group_size=group_size, sym=not zero_point,
                       format=fmt, calib=CalibConfig(calib, nsamples, seqlen, seed), chat=chat, device=device, pad=pad,
-                      force=force, validate=validate, eval=EvalConfig(ctx=ctx, max_tokens=max_tokens), options={"clip": clip})
-    out, report = quantize_awq(cfg)
+                      force=force, validate=validate, eval=EvalConfig(ctx=ctx, max_tokens=max_tokens), clip=clip)
+    out, report = quantize_model(cfg)
     _print_quant_summary(report.extra["quantize"], out)
     _emit(report, json_out, f"qwen-quant awq: {out}")
 

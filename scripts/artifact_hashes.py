@@ -58,8 +58,8 @@ def _quant(model, out, method, fmt, sym, calib):
     if hasattr(quantize, "GPTQConfig"):  # the quantizer interface
         cls = {"gptq": quantize.GPTQConfig, "awq": quantize.AWQConfig}[method]
         res = quantize.quantize_model(cls(model=str(model), output=str(out), bits=4, group_size=128, sym=sym, format=fmt,
-                                          calib=calib, device="cpu", force=True))
-        return Path(res.path)
+                                          calib=calib, device="cpu", force=True, validate=False))
+        return Path(getattr(res, "path", None) or res[0])
     from qwen_quant.quantize import QuantConfig, quantize_model
 
     cfg = QuantConfig(model=str(model), output=str(out), method=method, bits=4, group_size=128, sym=sym, format=fmt,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from qwen_quant.calib import CalibConfig
-from qwen_quant.quantize import QuantConfig, awq, quantize_model
+from qwen_quant.quantize import config_for, quantize_model
 from qwen_quant.validate import EvalConfig, evaluate
 
 HARD = "qwen2-tiny-untied-outliers"
@@ -90,10 +90,10 @@ def measure(hard):
 
 
 def _quantize(src, out, method="gptq", bits=4, **options):
-    cfg = QuantConfig(model=str(src), output=str(out), method=method, bits=bits, group_size=128, sym=False,
+    cfg = config_for(method, model=str(src), output=str(out), bits=bits, group_size=128, sym=False,
                       format="awq" if method == "awq" else "gptq", calib=CALIB, device="cpu", force=True,
-                      validate=False, options=options)
-    return (awq.quantize_awq if method == "awq" else quantize_model)(cfg)[0]
+                      validate=False, **options)
+    return quantize_model(cfg)[0]
 
 
 def recovery(m: dict, rtn: dict, key: str = "perplexity") -> float:

@@ -27,9 +27,9 @@ CFG = EvalConfig(ctx=128, max_tokens=512, greedy_tokens=16, max_prompts=4)
 
 def _quantized(model, out, **kw):
     from qwen_quant.calib import CalibConfig
-    from qwen_quant.quantize import QuantConfig, quantize_model
+    from qwen_quant.quantize import config_for, quantize_model
 
-    path, _ = quantize_model(QuantConfig(model=str(model), output=str(out), device="cpu", validate=False,
+    path, _ = quantize_model(config_for(kw.pop("method", "gptq"), model=str(model), output=str(out), device="cpu", validate=False,
                                          calib=CalibConfig(nsamples=16, seqlen=128), **kw))
     return path
 

@@ -95,10 +95,7 @@ def build(spec: ArtifactSpec, src: Path, outdir: Path, device: str) -> list[tupl
     """Write the artifact under ``outdir/<name>``; returns (path, report type) per output."""
     target = outdir / spec.name
     if spec.type in ("gptq", "rtn", "awq"):
-        from qwen_quant.quantize import quantize_model
-
-        if spec.type == "awq":  # the same entry point as `qwen-quant awq` (adds AWQ's layer hook)
-            from qwen_quant.quantize.awq import quantize_awq as quantize_model
+        from qwen_quant.quantize import quantize_model  # the config's type picks the method
         cfg = dataclasses.replace(spec.config, model=str(src), output=str(target), force=True, validate=False, device=device)
         out, _ = quantize_model(cfg)
         return [(str(out), _type_name(spec))]
