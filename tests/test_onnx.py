@@ -31,7 +31,7 @@ def _eval_ids(n=2, t=48):
     from transformers import AutoTokenizer
 
     from qwen_quant.calib import eval_tokens
-    from qwen_quant.testing.fixtures import tokenizer_dir
+    from qwen_quant.fixtures import tokenizer_dir
 
     toks = np.asarray(eval_tokens(AutoTokenizer.from_pretrained(str(tokenizer_dir())), "shipped", max_tokens=n * t + 1))
     return toks[: n * t].astype(np.int64).reshape(n, t)

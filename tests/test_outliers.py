@@ -1,4 +1,4 @@
-"""The outlier transform (qwen_quant/testing/outliers.py): the fp32 function is unchanged, the
+"""The outlier transform (qwen_quant/faults/outliers.py): the fp32 function is unchanged, the
 activations get real-model outliers, and the fp16-overflow plant overflows fp16 on chat prompts only."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from qwen_quant.testing.outliers import FP16_MAX, OutlierSpec, add_outliers, channel_outlier_ratio, probe_prompts
+from qwen_quant.faults.outliers import FP16_MAX, OutlierSpec, add_outliers, channel_outlier_ratio, probe_prompts
 
 
 def _fixture(name: str):
     from qwen_quant.progress import set_quiet
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
 
     set_quiet(True)
     return fixture_path(name)
@@ -29,7 +29,7 @@ def _ids(n=2, length=64):
     from transformers import AutoTokenizer
 
     from qwen_quant.calib import eval_tokens
-    from qwen_quant.testing.fixtures import tokenizer_dir
+    from qwen_quant.fixtures import tokenizer_dir
 
     ev = eval_tokens(AutoTokenizer.from_pretrained(str(tokenizer_dir())), max_tokens=n * length)
     return torch.tensor(ev[: n * length].reshape(n, length))

@@ -1,5 +1,5 @@
 """Quality orderings on the hard fixture (qwen2-tiny-untied-outliers: salient activation-outlier
-channels planted by `qwen_quant.testing.outliers`, fp32 function unchanged).
+channels planted by `qwen_quant.faults.outliers`, fp32 function unchanged).
 
 On the easy fixtures every int4 method lands within noise of the others, so a broken method passed.
 Here each ordering has a margin well above the run-to-run noise measured over calibration seeds
@@ -54,7 +54,7 @@ class CachedReference:
 
 def _fixture(name):
     from qwen_quant.progress import set_quiet
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
 
     set_quiet(True)
     return fixture_path(name)
