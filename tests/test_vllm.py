@@ -75,7 +75,8 @@ def test_topk_kl_is_a_lower_bound_close_to_the_exact_kl(untied_model):
 
 
 def test_dtype_rules_match_vllm(untied_model, tmp_path):
-    from qwen_quant.backends.vllm_engine import parse_device, pick_dtype
+    from qwen_quant.backends.vllm_engine import pick_dtype
+    from qwen_quant.devices import vllm_placement as parse_device
 
     assert pick_dtype(untied_model, None, "cpu") == "float32" and pick_dtype(untied_model, None, "cuda") == "bfloat16"
     gptq = tmp_path / "q"

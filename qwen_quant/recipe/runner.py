@@ -277,7 +277,3 @@ def write_reports(report: Report, outdir: Path, json_path: str | None = None) ->
     os.replace(tmp, outdir / REPORT_MD)
     if json_path:
         report.write_json(json_path)
-
-
-def summary(outcome: Outcome) -> dict[str, Any]:
-    return {"outdir": str(outcome.outdir), "statuses": outcome.statuses}

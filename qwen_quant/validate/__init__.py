@@ -236,7 +236,7 @@ def run_eval(artifact, cfg: EvalConfig, reference=None, backend: str | None = No
     models shared by the results of one report (`qwen-quant run`); a private one otherwise.
     """
     from qwen_quant.calib import dataset_fingerprint, eval_tokens, greedy_prompts
-    from qwen_quant.models.loader import pick_device, torch_dtype
+    from qwen_quant.models.loader import torch_dtype
 
     cfg.check()
     _check_inputs(artifact, reference)
@@ -255,10 +255,10 @@ def run_eval(artifact, cfg: EvalConfig, reference=None, backend: str | None = No
     try:
         mode = (False, "together", [])
         if _streamable(artifact, reference, backend) and (ref_device is None or ref_device == device):
-            from qwen_quant.backends.torch_backend import parse_devices
+            from qwen_quant.devices import torch_devices
             from qwen_quant.validate.streamed import plan
 
-            devices = parse_devices(device if device != "auto" else pick_device("auto"))
+            devices = torch_devices(device)
             dt = torch_dtype(dtype, devices[0])
             mode = plan(reference, devices, dt.itemsize, _work_bytes(cfg, reference, devices[0]), streamed,
                         cached_ref=refs.loaded(reference))
