@@ -56,7 +56,7 @@ def test_transformed_fixture_has_outlier_channels(pair):
     base, hard = pair
     ids = _ids()
     before, after = channel_outlier_ratio(base, ids), channel_outlier_ratio(hard, ids)
-    normed = [k for k in before if not k.endswith("down_proj")]  # the norm outputs: no outliers before (issue 16)
+    normed = [k for k in before if not k.endswith("down_proj")]  # the norm outputs: no outliers before
     assert max(before[k] for k in normed) < 5, before
     assert min(after.values()) >= 10, after  # every quantized input now has channels tens of times the median
     assert all(after[k] >= 5 * before[k] for k in normed), (before, after)
@@ -78,7 +78,7 @@ def test_transform_is_seeded_and_exact_on_other_fixtures(untied_model):
     assert all(10 <= f <= 30 for r in runs[0]["channels"] for f in r["factors"])
 
 
-# -- the planted fp16 overflow (issue 15 builds its detection on this fixture) -------------------
+# -- the planted fp16 overflow (the fp16 overflow check builds on this fixture) -------------------
 @pytest.fixture(scope="module")
 def overflow():
     path = _fixture("qwen2-tiny-untied-fp16overflow")

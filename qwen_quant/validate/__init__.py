@@ -284,7 +284,7 @@ def run_eval(artifact, cfg: EvalConfig, reference=None, backend: str | None = No
                                ref_greedy=lambda: refs.greedy(key, lambda: greedy(ref_b, prompts, cfg)))
             backend_rec = backend_record(test_b)
             ref_rec = None if ref_b is None else {"path": str(reference), "backend": ref_b.name, "device": ref_b.device, "dtype": ref_b.dtype}
-        # artifact metadata parity (tokenizer, special ids, template, rope/eps/ctx; issue 12): validate/metadata.py
+        # artifact metadata parity (tokenizer, special ids, template, rope/eps/ctx): validate/metadata.py
         metadata = metadata_parity(artifact, reference, cfg.data, tok) if reference is not None and isinstance(artifact, (str, Path)) else None
         result = Result(
             metadata=metadata,
@@ -294,7 +294,7 @@ def run_eval(artifact, cfg: EvalConfig, reference=None, backend: str | None = No
             ctx=cfg.ctx, ppl_method=cfg.method, metrics=metrics, wall_time_s=round(time.perf_counter() - t0, 3),
             phases=phases, notes=notes,
         )
-        # fp16 runs: reference activation peaks + fp16 parity on chat prompts (issue 15): validate/overflow.py
+        # fp16 runs: reference activation peaks + fp16 parity on chat prompts: validate/overflow.py
         if test_b is not None and ref_b is not None:
             from qwen_quant.validate.overflow import annotate_fp16
 
