@@ -8,6 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from qwen_quant.quiet import silence_foreign
+
+silence_foreign()  # before torch/transformers/onnx load: their warnings and bars are not ours to show
+
 app = typer.Typer(
     name="qwen-quant",
     help="Quantize Qwen checkpoints (GPTQ, AWQ, GGUF, ONNX) and validate every artifact against the full-precision model.",
