@@ -93,10 +93,11 @@ class W8A8Linear(torch.nn.Module):
         self.register_buffer("weight_scale_inv", scale.float())
         self.bias = None if bias is None else torch.nn.Parameter(bias.to(dtype), requires_grad=False)
         self.block, self.act_group, self.dtype = block, act_group, dtype
+        self.activations = True  # False: weight-only dequantization (what transformers does on a CPU)
         self._dense = dequantize(weight, self.weight_scale_inv, block)  # float32, cached: CPU evaluation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = quantize_activation(x, self.act_group)
+        xq = quantize_activation(x, self.act_group) if self.activations else x.float()
         y = xq @ self._dense.to(x.device).T
         if self.bias is not None:
             y = y + self.bias.float()
