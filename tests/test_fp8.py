@@ -222,3 +222,25 @@ def test_fp8_scale_fault_fails_the_same_bar(hard_fp8, tmp_path):
     out, measure = hard_fp8
     m = measure(_scale_fault(out, tmp_path / "fault"))
     assert m["kl_mean"] >= FP8_MAX_KL, m
+
+
+def test_check_knows_the_fp8_class():
+    from qwen_quant.check import TYPE_DEFAULTS, artifact_class
+
+    assert artifact_class({"artifact": {"type": "fp8-block", "format": "fp8"}, "backend": {"dtype": "float32"}}) == "fp8"
+    assert artifact_class({"artifact": {"type": "fp8-dynamic", "format": "compressed-tensors"}}) == "fp8"
+    assert TYPE_DEFAULTS["fp8"]["max_kl"] > TYPE_DEFAULTS["float"]["max_kl"]
+
+
+def test_recipe_accepts_fp8_artifact(tmp_path):
+    from qwen_quant.recipe import load_recipe
+
+    r = tmp_path / "r.yaml"
+    r.write_text("name: t\nsource: {model: fixture:qwen2-tiny-tied}\nartifacts:\n"
+                 "  - {name: fp8-block, type: fp8}\n"
+                 "  - {name: fp8-dyn, type: fp8, format: compressed-tensors, scheme: dynamic}\n")
+    rec = load_recipe(r)
+    assert [a.config.artifact_type for a in rec.artifacts] == ["fp8-block", "fp8-dynamic"]
+    r.write_text("name: t\nsource: {model: fixture:qwen2-tiny-tied}\nartifacts:\n  - {name: x, type: fp8, scheme: dynamic}\n")
+    with pytest.raises(Exception, match="block-wise only"):
+        load_recipe(r)

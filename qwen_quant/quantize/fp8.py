@@ -29,8 +29,8 @@ from qwen_quant.report import Report
 
 @dataclass
 class FP8Config:
-    model: str
-    output: str
+    model: str = ""
+    output: str = ""
     format: str = "fp8"  # fp8 | compressed-tensors
     scheme: str = "block"  # block (128x128 weights, per-token-per-128 activations) | dynamic (per channel / per token)
     device: str = "auto"
