@@ -200,6 +200,34 @@ def awq(
     _emit(report, json_out, f"qwen-quant awq: {out}")
 
 
+@app.command()
+def fp8(
+    model: str = typer.Argument(..., help="Full-precision Qwen checkpoint folder (or cached hub id)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder for the FP8 checkpoint."),
+    fmt: str = typer.Option("fp8", "--format", help="fp8 (Qwen's -FP8 layout: quant_method fp8, weight_scale_inv per 128x128 block) or compressed-tensors (as llm-compressor writes)."),
+    scheme: str = typer.Option("block", help="block (128x128 weight blocks, activations per token and 128 channels: FP8_BLOCK) or dynamic (per-channel weights, per-token activations: FP8_DYNAMIC; compressed-tensors only)."),
+    device: Device = "auto",
+    force: Force = False,
+    validate: Validate = True,
+    ctx: Ctx = 512,
+    max_tokens: MaxTokens = None,
+    json_out: JsonOut = None,
+    quiet: Quiet = False,
+) -> None:
+    """FP8 e4m3 weights (no calibration), streamed layer by layer, then validation as the W8A8 kernel computes.
+
+    Example: qwen-quant fp8 ./Qwen3-8B -o ./Qwen3-8B-FP8
+    """
+    from qwen_quant.progress import set_quiet
+    from qwen_quant.quantize.fp8 import FP8Config, quantize_fp8
+    from qwen_quant.validate import EvalConfig
+
+    set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
+    out, report = quantize_fp8(FP8Config(model=model, output=str(output), format=fmt, scheme=scheme, device=device,
+                                         force=force, validate=validate, eval=EvalConfig(ctx=ctx, max_tokens=max_tokens)))
+    _emit(report, json_out, f"qwen-quant fp8: {out}")
+
+
 def _print_quant_summary(s: dict, out: Path) -> None:
     from qwen_quant.progress import log
 

@@ -102,7 +102,14 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | None = "float
 def _load(p: Path, method: str | None, dt):
     from transformers import AutoModelForCausalLM
 
-    if method in ("gptq", "awq"):
+    from qwen_quant.formats.fp8 import is_fp8
+
+    qc = (json.loads((p / "config.json").read_text()).get("quantization_config") or {}) if method else {}
+    if is_fp8(qc):  # FP8 weights with dynamic activation quantization, as the serving kernels compute
+        from qwen_quant.formats.fp8 import load_w8a8
+
+        model = load_w8a8(p, dtype=dt)
+    elif method in ("gptq", "awq"):
         from qwen_quant.formats import load_dequantized
 
         model = load_dequantized(p, method, dtype=dt)

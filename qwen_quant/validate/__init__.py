@@ -153,7 +153,12 @@ def artifact_record(artifact, kind_hint: str | None = None, type_: str | None = 
     if fmt == "hf" and p.is_dir() and (p / "config.json").exists():
         from qwen_quant.models.loader import load_config
 
-        fmt = (load_config(p).get("quantization_config") or {}).get("quant_method") or "hf"
+        qc = load_config(p).get("quantization_config") or {}
+        fmt = qc.get("quant_method") or "hf"
+        from qwen_quant.formats.fp8 import is_fp8, scheme_of
+
+        if type_ is None and is_fp8(qc):  # the artifact class check's fp8 defaults apply to
+            type_ = "fp8-block" if scheme_of(qc)[0] else "fp8-dynamic"
     return {"path": str(p), "format": fmt, "type": type_, "size_bytes": size}
 
 
