@@ -17,7 +17,7 @@ def _help(*cmd: str) -> str:
     return r.output
 
 
-@pytest.mark.parametrize("cmd", [("gptq",), ("awq",), ("run",), ("convert",), ("export", "gguf"), ("export", "onnx")])
+@pytest.mark.parametrize("cmd", [("gptq",), ("awq",), ("fp8",), ("run",), ("convert",), ("export", "gguf"), ("export", "onnx")])
 def test_output_is_dash_o_everywhere(cmd):
     text = _help(*cmd)
     assert "--output" in text and "-o" in text
