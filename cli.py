@@ -283,6 +283,7 @@ def check(
     max_greedy_exact_drop: Optional[int] = typer.Option(None, "--max-greedy-exact-drop", help="Allowed drop in greedy prompts matching the reference exactly (default 1 on CPU backends, 2 elsewhere)."),
     max_greedy_prefix_drop: Optional[str] = typer.Option(None, "--max-greedy-prefix-drop", help="Allowed relative drop of the mean greedy matching prefix, e.g. 15% (the CPU default)."),
     match: Optional[list[str]] = typer.Option(None, "--match", help="NOW=BASE: compare the report's artifact NOW with the baseline's BASE (repeatable), when names differ."),
+    allow: Optional[list[str]] = typer.Option(None, "--allow", help="Accept a failed metadata check by name, e.g. 'generation temperature' (repeatable)."),
     update_baseline: bool = typer.Option(False, "--update-baseline", help="Write REPORT over the --baseline file instead of checking."),
 ) -> None:
     """CI gate: exit 1 if any artifact/backend regressed against the baseline or the limits, 0 otherwise.
@@ -322,7 +323,7 @@ def check(
             raise QuantError(f"--match {m}: write it as NOW=BASE (report artifact name = baseline artifact name)")
         pairs[a] = b
     code = run_check(CheckConfig(report=str(report), baseline=None if baseline is None else str(baseline),
-                                 thresholds=limits, update_baseline=update_baseline, match=pairs), echo=typer.echo)
+                                 thresholds=limits, update_baseline=update_baseline, match=pairs, allow=list(allow or [])), echo=typer.echo)
     raise typer.Exit(code)
 
 

@@ -23,7 +23,8 @@ overridden by command-line flags, on top of defaults (docs/gate.md says how they
 - without a baseline: absolute limits per artifact class (`TYPE_DEFAULTS`, from the shipped
   fixtures): ``max_ppl_ratio``, ``max_kl`` (mean KL) and ``min_top1`` against the reference.
 
-A failed metadata check (tokenizer, special tokens, chat template, context/rope/eps, g_idx: see
+A failed metadata check named in ``allow`` (``--allow 'generation temperature'``: a change the user
+made on purpose) is accepted. Any other failed metadata check (tokenizer, special tokens, chat template, context/rope/eps, g_idx: see
 `qwen_quant.validate.metadata`) is a regression with its own one-line reason. An artifact that the
 baseline has and the report lacks, or that failed to build, is a regression too. A report with
 nothing to check (no baseline, no limits, no reference metrics) is unusable input (exit 2).
@@ -97,6 +98,7 @@ class CheckConfig:
     thresholds: dict[str, float] = field(default_factory=dict)  # command-line limits (override the recipe's)
     update_baseline: bool = False
     match: dict[str, str] = field(default_factory=dict)  # report artifact name -> baseline artifact name
+    allow: list[str] = field(default_factory=list)  # metadata check names accepted as intended changes
 
 
 @dataclass
@@ -202,12 +204,14 @@ def _finding(key, name: str, limit: float, lim: dict, v, bv) -> Finding | None:
     return Finding(label, key[2], metric, bv, v, f"{'<=' if kind == 'max' else '>='} {limit:g}", bad)
 
 
-def _metadata_findings(key, r: dict) -> list[Finding]:
+def _metadata_findings(key, r: dict, allow: list[str] | None = None) -> list[Finding]:
     from qwen_quant.validate.metadata import failed_reasons
 
     md = r.get("metadata")
     if not md:
         return []
+    allow = set(allow or ())
+    md = {**md, "checks": [c for c in md.get("checks", []) if c.get("name") not in allow]}
     reasons = failed_reasons(md)
     if not reasons:
         return [Finding(_label(key), key[2], "metadata", None, "ok", "metadata parity", False)]
@@ -250,7 +254,7 @@ def match_results(now: dict, base: dict, match: dict[str, str] | None = None) ->
 
 
 def compare(report: dict, baseline: dict | None, cli: dict[str, float] | None = None,
-            match: dict[str, str] | None = None) -> list[Finding]:
+            match: dict[str, str] | None = None, allow: list[str] | None = None) -> list[Finding]:
     """Every limit checked, for every (artifact, backend) of the report; regressed ones flagged."""
     cli = cli or {}
     now = {result_key(r): r for r in report["results"]}
@@ -265,7 +269,7 @@ def compare(report: dict, baseline: dict | None, cli: dict[str, float] | None = 
         b = base.get(pairs.get(key))
         if b is not None:
             _comparable(key, r, b)
-        out += _metadata_findings(key, r)
+        out += _metadata_findings(key, r, allow)
         lim = _limits(key, r, report, cli, baseline is not None)
         lim["_noise"] = noise_class(r)
         for name, limit in list(lim.items()):
@@ -307,7 +311,7 @@ def run_check(cfg: CheckConfig, echo=print) -> int:
         flag = "--" + rel[0].replace("_", "-")
         raise QuantError(f"{flag} compares with a baseline; pass --baseline FILE (or use --max-ppl-ratio/--max-kl/--min-top1)")
     baseline = load_report(cfg.baseline, "baseline") if cfg.baseline else None
-    findings = compare(report, baseline, cfg.thresholds, cfg.match)
+    findings = compare(report, baseline, cfg.thresholds, cfg.match, cfg.allow)
     if not findings:
         raise QuantError(f"nothing to check in {cfg.report}: no baseline, no limits, and no result was measured against "
                          "a reference; pass --baseline FILE, limits (--max-ppl-ratio, --max-kl, --min-top1), or "
