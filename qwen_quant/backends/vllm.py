@@ -135,6 +135,7 @@ class VllmBackend(Backend):
             self.close()
             raise
         self.vocab_size = int(info["vocab_size"])
+        self.engine_view = dict(info.get("engine") or {})  # metadata as vLLM parsed it (validate.metadata reads it)
         self._versions = {**info["versions"], "quantization": str(info.get("quantization")),
                           "logprobs": f"top-{self.topk} + actual token (KL over top-k + rest: a lower bound)"}
         self.device = "cpu" if info["device"] == "cpu" else (f"cuda:{gpus}" if gpus else "cuda")

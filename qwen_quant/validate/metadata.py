@@ -222,10 +222,12 @@ def _tokenizer_checks(name: str, view: dict, ref_tok, paragraphs: list[str]) -> 
     return out
 
 
-def metadata_parity(artifact, reference, data: str = "shipped", ref_tok=None) -> dict[str, Any]:
+def metadata_parity(artifact, reference, data: str = "shipped", ref_tok=None, engine: dict | None = None) -> dict[str, Any]:
     """``{ok, checks}`` for ``artifact`` against the HF checkpoint ``reference`` (see module docstring).
 
     ``ref_tok``: the source's tokenizer when already loaded (`run_eval` has it: the ids every backend is fed).
+    ``engine``: what a serving engine parsed from the checkpoint (the vLLM backend's ``engine_view``:
+    context length, rope, eps, bos/eos/pad ids); those values replace the ones read from the files.
     """
     from qwen_quant.models.loader import load_config, load_tokenizer, resolve_model
 
@@ -236,6 +238,13 @@ def metadata_parity(artifact, reference, data: str = "shipped", ref_tok=None) ->
     ref_tok = ref_tok or load_tokenizer(ref)
     ref_cfg = load_config(ref)
     view = VIEWS[kind](p, paragraphs)
+    if engine and "error" not in engine:
+        view["where"] = "what vLLM parsed (engine), tokenizer files"
+        for k in ("context_length", "rope_theta", "rms_eps", "vocab_size", "bos", "eos", "pad"):
+            if engine.get(k) is not None:
+                view[k] = engine[k]
+        if "rope_scaling" in engine:
+            view["rope_scaling"] = _scaling(engine["rope_scaling"])
     where = view["where"]
     checks = _tokenizer_checks(name, view, ref_tok, paragraphs)
 
