@@ -46,9 +46,11 @@ def _fake_int4(model, group: int = 128):
     return model
 
 
-def test_topk_kl_is_a_lower_bound_close_to_the_exact_kl(untied_model):
+@pytest.mark.parametrize("fixture", ["untied_model", "tied_model"])
+def test_topk_kl_is_a_lower_bound_close_to_the_exact_kl(fixture, request):
     """KL over top-k + rest vs the exact KL of the same logits: an int4-RTN copy of the fixture vs the
     fixture (torch backend), 255 positions of the held-out text. Numbers: README "vLLM backend"."""
+    untied_model = request.getfixturevalue(fixture)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qwen_quant.calib import default_tokenizer_dir, eval_tokens
