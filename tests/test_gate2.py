@@ -176,3 +176,16 @@ def test_top1_ties_count_as_agreement():
     assert window_scores(test, t, ref)[2].tolist() == [True, False]
     assert TopKLogprobs.from_dense(test, 2, t).window_scores(t, ref)[2].tolist() == [True, False]
     assert window_scores(ref, t, ref)[2].tolist() == [True, True]
+
+
+@pytest.mark.parametrize("kind", ["gptq", "awq", "ct", "gguf", "onnx"])
+def test_clean_artifact_passes_the_new_checks_in_repeated_runs(run_cli, kind):
+    """No false alarm from the table/flag/template/generation checks or the tighter limits on a clean re-run."""
+    out = workdir() / f"gate2-clean-{kind}.json"
+    code, err, report = eval_json(run_cli, artifact(kind), out)
+    assert code == 0, err
+    md = report["results"][0]["metadata"]
+    assert md["ok"], [c for c in md["checks"] if not c["ok"]]
+    assert any(c["name"].startswith(("tokenizer vocabulary", "tokenizer.ggml.tokens")) for c in md["checks"])
+    code, stdout, _ = run_cli("check", out, "--baseline", clean_report(kind))
+    assert code == 0 and "missing" not in stdout, stdout
