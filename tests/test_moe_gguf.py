@@ -198,3 +198,33 @@ def test_quantizer_is_deterministic_on_experts(built, tmp_path):
     a = quantize_gguf(f16, tmp_path / "a.gguf", "q4_k_m", nthread=1)
     b = quantize_gguf(f16, tmp_path / "b.gguf", "q4_k_m", nthread=2)
     assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("family", [qwen2_moe.FAMILY, qwen3_moe.FAMILY], ids=lambda f: f.name)
+def test_imatrix_covers_experts_as_llama_cpp_names_them(built, family, tmp_path):
+    """One row of column statistics per expert (n_expert * n_in values), counted over routed tokens only;
+    llama.cpp's quantizer takes them (it refuses sizes that do not fit) and the bytes change."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwen_quant.export.gguf_imatrix import compute_imatrix
+    from qwen_quant.export.gguf_quant import quantize_gguf
+
+    src, f16 = built(family.name)
+    cfg = {**BASE, **CONFIGS[family.name]}
+    e, h, i, k = cfg["num_experts"], cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts_per_tok"]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    samples = [list(range(1000, 1064)), list(range(2000, 2064))]
+    stats = compute_imatrix(model, samples)
+    values = stats.values()
+    for layer in range(cfg["num_hidden_layers"]):
+        for name, n_in in (("ffn_gate_exps", h), ("ffn_up_exps", h), ("ffn_down_exps", i)):
+            key = f"blk.{layer}.{name}.weight"
+            assert values[key].shape == (e * n_in,), key
+            assert stats.counts[key].sum() == 128 * k  # every token counted once for each expert it was routed to
+    if family.moe.shared_expert:
+        assert values["blk.0.ffn_down_shexp.weight"].shape == (cfg["shared_expert_intermediate_size"],)
+    plain = quantize_gguf(f16, tmp_path / "plain.gguf", "q4_k_m")
+    weighted = quantize_gguf(f16, tmp_path / "imat.gguf", "q4_k_m", imatrix=values)
+    assert plain.read_bytes() != weighted.read_bytes()
+    assert np.isfinite(gguf_logits(weighted, rows=1, seq=32)).all()
