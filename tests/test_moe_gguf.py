@@ -228,3 +228,33 @@ def test_imatrix_covers_experts_as_llama_cpp_names_them(built, family, tmp_path)
     weighted = quantize_gguf(f16, tmp_path / "imat.gguf", "q4_k_m", imatrix=values)
     assert plain.read_bytes() != weighted.read_bytes()
     assert np.isfinite(gguf_logits(weighted, rows=1, seq=32)).all()
+
+
+def test_metadata_parity_covers_expert_keys_and_fails_on_a_planted_edit(built, tmp_path):
+    import shutil
+    import struct
+
+    from qwen_quant.formats.integrity import GGUFIndex
+    from qwen_quant.validate.metadata import metadata_parity
+
+    src, f16 = built(qwen3_moe.FAMILY.name)
+    good = metadata_parity(f16, src)
+    checks = {c["name"]: c for c in good["checks"]}
+    for key in ("expert_count", "expert_used_count", "expert_ff_length", "head_dim", "qk_norm"):
+        assert checks[key]["ok"], checks[key]
+    assert good["ok"], [c for c in good["checks"] if not c["ok"]]
+
+    bad = tmp_path / "planted.gguf"
+    shutil.copy(f16, bad)
+    idx = GGUFIndex(bad)
+    arch = idx.get("general.architecture")
+    _, value, start, end = idx.kv[f"{arch}.expert_used_count"]
+    idx.close()
+    assert value == 2 and end - start == 4
+    with open(bad, "r+b") as f:  # top-2 -> top-3: a file that would run another model
+        f.seek(start)
+        f.write(struct.pack("<I", 3))
+    res = metadata_parity(bad, src)
+    failed = [c for c in res["checks"] if not c["ok"]]
+    assert not res["ok"] and [c["name"] for c in failed] == ["expert_used_count"]
+    assert "expert_used_count is 3" in failed[0]["reason"]
