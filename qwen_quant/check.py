@@ -39,6 +39,8 @@ BASELINE_DEFAULTS = {"max_ppl_increase": DEFAULT_MAX_PPL_INCREASE, "max_kl_incre
 TYPE_DEFAULTS = {
     "float": {"max_ppl_ratio": 1.01, "max_kl": 0.002, "min_top1": 0.98},
     "8bit": {"max_ppl_ratio": 1.03, "max_kl": 0.01, "min_top1": 0.95},
+    # FP8 e4m3 W8A8 (weights and activations rounded): from bench/fp8_noise.py, docs/gate.md
+    "fp8": {"max_ppl_ratio": 1.02, "max_kl": 0.006, "min_top1": 0.94},
     "4bit": {"max_ppl_ratio": 1.10, "max_kl": 0.05, "min_top1": 0.85},
     "low": {"max_ppl_ratio": 1.6, "max_kl": 0.4, "min_top1": 0.65},
 }
@@ -50,13 +52,13 @@ PARAMS = ("kl_floor",)  # modify a limit, are not limits themselves
 BASELINE_ONLY = ("max_ppl_increase", "max_kl_increase", "max_top1_drop")
 
 
-CLASS_WORDS = (("low", ("q2", "q3", "int2", "int3", "iq1", "iq2", "iq3")), ("8bit", ("q8", "q6", "int8")),
+CLASS_WORDS = (("fp8", ("fp8", "float8", "e4m3")), ("low", ("q2", "q3", "int2", "int3", "iq1", "iq2", "iq3")), ("8bit", ("q8", "q6", "int8")),
                ("4bit", ("q4", "q5", "int4", "iq4", "gptq", "awq", "compressed-tensors")),
                ("float", ("f32", "f16", "bf16", "float", "fp32", "fp16")))
 
 
 def artifact_class(r: dict) -> str:
-    """float, 8bit, 4bit or low: which absolute defaults a result gets (artifact type, then format, then dtype)."""
+    """fp8, float, 8bit, 4bit or low: which absolute defaults a result gets (artifact type, then format, then dtype)."""
     a, b = r.get("artifact") or {}, r.get("backend") or {}
     for text in (a.get("type"), a.get("format"), b.get("dtype")):
         text = str(text or "").lower()
