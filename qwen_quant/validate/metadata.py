@@ -73,6 +73,20 @@ def hf_numbers(cfg: dict) -> dict[str, Any]:
             "rms_eps": cfg.get("rms_norm_eps")}
 
 
+def hf_structure(cfg: dict) -> dict[str, Any]:
+    """What the family of a config.json says a runtime must hold: experts (count, used per token, FFN
+    widths), the attention head width, and whether q/k carry their own RMSNorm."""
+    from qwen_quant.models.registry import detect_family
+
+    fam = detect_family(cfg, allow_unsupported=True)
+    out: dict[str, Any] = {"qk_norm": fam.qk_norm, "head_dim": cfg.get("head_dim")}
+    if fam.moe is not None:
+        out.update(expert_count=fam.moe.num_experts(cfg), expert_used_count=cfg.get(fam.moe.top_k_key),
+                   expert_ff_length=cfg.get(fam.moe.intermediate_key),
+                   expert_shared_ff_length=cfg.get(fam.moe.shared_intermediate_key) if fam.moe.shared_intermediate_key else None)
+    return out
+
+
 def _scaling(s: dict | None) -> tuple[str, float]:
     """('none', 1.0) or (type, factor): the part of rope scaling every runtime agrees on."""
     if not s:
@@ -115,7 +129,12 @@ def gguf_view(path: Path, paragraphs: list[str]) -> dict[str, Any]:
                 "rms_eps": get(f"{arch}.attention.layer_norm_rms_epsilon"),
                 "bos": get("tokenizer.ggml.bos_token_id"), "eos": get("tokenizer.ggml.eos_token_id"),
                 "pad": get("tokenizer.ggml.padding_token_id"), "template": get("tokenizer.chat_template"),
-                "pre": get("tokenizer.ggml.pre")}
+                "pre": get("tokenizer.ggml.pre"),
+                "expert_count": get(f"{arch}.expert_count"), "expert_used_count": get(f"{arch}.expert_used_count"),
+                "expert_ff_length": get(f"{arch}.expert_feed_forward_length"),
+                "expert_shared_ff_length": get(f"{arch}.expert_shared_feed_forward_length"),
+                "head_dim": get(f"{arch}.attention.key_length"),
+                "qk_norm": any(t[0].endswith(".attn_q_norm.weight") for t in idx.tensors)}
     finally:
         idx.close()
     ids = tokenize_vocab_only(path, paragraphs + list(SPECIAL_TEXT), special=True)
@@ -280,7 +299,9 @@ def metadata_parity(artifact, reference, data: str = "shipped", ref_tok=None, en
 
     want_nums = hf_numbers(ref_cfg)
     want_nums["vocab_size"] = ref_cfg.get("vocab_size")
-    for key in ("context_length", "rope_theta", "rope_scaling", "rms_eps", "vocab_size"):
+    want_nums.update(hf_structure(ref_cfg))
+    for key in ("context_length", "rope_theta", "rope_scaling", "rms_eps", "vocab_size", "expert_count",
+                "expert_used_count", "expert_ff_length", "expert_shared_ff_length", "head_dim", "qk_norm"):
         got, exp = view.get(key), want_nums.get(key)
         if got is None or exp is None:
             continue
