@@ -102,7 +102,7 @@ def validation_row(device: str, max_tokens: int, ctx: int) -> dict:
     from qwen_quant.models import load_tokenizer
     from qwen_quant.models.loader import load_model
     from qwen_quant.quantize.fp8 import FP8Config, quantize_fp8
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
     from qwen_quant.validate.metrics import log_softmax
 
     src = fixture_path("qwen2-tiny-tied")

@@ -49,7 +49,7 @@ def main() -> None:
     from qwen_quant.progress import set_quiet
     from qwen_quant.quantize import QuantConfig, quantize_model
     from qwen_quant.quantize.fp8 import FP8Config, quantize_fp8
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
     from qwen_quant.validate import EvalConfig, evaluate
 
     set_quiet(True)

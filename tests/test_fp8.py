@@ -193,7 +193,7 @@ def hard_fp8(tmp_path_factory):
     from qwen_quant.models import load_tokenizer
     from qwen_quant.progress import set_quiet
     from qwen_quant.quantize.fp8 import FP8Config, quantize_fp8
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
     from qwen_quant.validate import EvalConfig, evaluate
 
     set_quiet(True)

@@ -64,7 +64,8 @@ def _layer_of(name: str, layers_path: str) -> int | None:
 
 
 def quantize_fp8(cfg: FP8Config) -> tuple[Path, Report]:
-    from qwen_quant.models.loader import check_model, pick_device
+    from qwen_quant.devices import torch_device
+    from qwen_quant.models.loader import check_model
     from qwen_quant.progress import log, progress
 
     cfg.check()
@@ -74,7 +75,7 @@ def quantize_fp8(cfg: FP8Config) -> tuple[Path, Report]:
     if (hf.get("quantization_config") or {}).get("quant_method"):
         raise QuantError(f"{src} is already quantized ({hf['quantization_config']['quant_method']}); "
                          "pass the full-precision checkpoint")
-    device = pick_device(cfg.device)
+    device = torch_device(cfg.device)
     store = WeightStore(src)
     writer = CheckpointWriter(cfg.output, force=cfg.force)
     sname = "weight_scale_inv" if cfg.format == "fp8" else "weight_scale"
