@@ -56,7 +56,8 @@ ZERO_NOISE = {("torch", "cpu"), ("llama.cpp", "cpu"), ("onnxruntime", "cpu")}
 TYPE_DEFAULTS = {
     "float": {"max_ppl_ratio": 1.01, "max_kl": 0.002, "min_top1": 0.98},
     "8bit": {"max_ppl_ratio": 1.03, "max_kl": 0.01, "min_top1": 0.95},
-    # FP8 e4m3 W8A8 (weights and activations rounded): from bench/fp8_noise.py, docs/gate.md
+    # FP8 e4m3 W8A8 (weights and activations rounded): worst clean part KL 2e-3, ratio 1.011, top-1 96%
+    # over 4 fixtures x 2 schemes x 4 text parts (bench/fp8_noise.py, docs/gate.md)
     "fp8": {"max_ppl_ratio": 1.02, "max_kl": 0.006, "min_top1": 0.94},
     "4bit": {"max_ppl_ratio": 1.10, "max_kl": 0.05, "min_top1": 0.85},
     "low": {"max_ppl_ratio": 1.6, "max_kl": 0.4, "min_top1": 0.65},

@@ -244,3 +244,18 @@ def test_recipe_accepts_fp8_artifact(tmp_path):
     r.write_text("name: t\nsource: {model: fixture:qwen2-tiny-tied}\nartifacts:\n  - {name: x, type: fp8, scheme: dynamic}\n")
     with pytest.raises(Exception, match="block-wise only"):
         load_recipe(r)
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "r.json"
+    subprocess.run([sys.executable, str(root / "bench" / "fp8_gpu.py"), "--tiny", "--out", str(out)], check=True,
+                   cwd=root, capture_output=True)
+    r = json.loads(out.read_text())
+    assert r["speed"]["qwen-quant fp8 block"]["extrapolated_80_layers_s"] > 0
+    v = r["validation"]
+    assert v["w8a8_cpu_vs_fp32"]["kl_mean"] < 0.005 and v["transformers_vs_w8a8_cpu"]["top1"] > 0.95
