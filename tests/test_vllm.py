@@ -104,7 +104,7 @@ def test_missing_venv_and_wrong_artifact_are_one_line_errors(untied_model, tmp_p
 
 def test_vllm_venv_is_read_by_the_backend(tmp_path, monkeypatch):
     """VLLM_VENV (what setup-vllm.sh installs into) is enough; QWEN_QUANT_VLLM_PYTHON still wins."""
-    from qwen_quant.backends.vllm import vllm_python
+    from qwen_quant.backends.vllm_engine import vllm_python
 
     py = tmp_path / "venv" / "bin" / "python"
     py.parent.mkdir(parents=True)

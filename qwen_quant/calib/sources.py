@@ -13,6 +13,7 @@ because their rows are often lines of one article rather than independent docume
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Union
 
