@@ -111,23 +111,48 @@ def validation_row(device: str, max_tokens: int, ctx: int) -> dict:
     ids = np.asarray(eval_tokens(load_tokenizer(src), max_tokens=max_tokens), dtype=np.int64)
     windows = torch.as_tensor(ids[: len(ids) // ctx * ctx].reshape(-1, ctx))
     cuda = device.startswith("cuda")
-    hf = AutoModelForCausalLM.from_pretrained(
-        str(out), dtype=torch.bfloat16 if cuda else torch.float32, device_map=device,
-        quantization_config=FineGrainedFP8Config(dequantize=not cuda)).eval()
     cpu_ref, fp32 = load_w8a8(out), load_model(src, "cpu", "float32")
+    path, kernel_error = "FP8 linear, Triton block kernel" if cuda else "CPU: weights dequantized only", None
+
+    def run_hf(dequantize: bool):
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(out), dtype=torch.bfloat16 if cuda else torch.float32, device_map=device,
+            quantization_config=FineGrainedFP8Config(dequantize=dequantize)).eval()
+        with torch.inference_mode():
+            return torch.cat([hf(w[None].to(device)).logits.float().cpu() for w in windows])
+
+    try:
+        a = run_hf(not cuda)
+    except ImportError as err:  # transformers fetches its FP8 kernel from the Hub (`kernels`); offline it cannot
+        kernel_error = str(err).splitlines()[0]
+        path = "transformers' FP8 kernel unavailable offline; transformers with weights dequantized (bf16) on the GPU"
+        a = run_hf(True)
     with torch.inference_mode():
-        a = torch.cat([hf(w[None].to(device)).logits.float().cpu() for w in windows])
         b = torch.cat([cpu_ref(w[None]).logits for w in windows])
         r = torch.cat([fp32(w[None]).logits for w in windows])
+        gpu_ref = None
+        if cuda:  # our W8A8 reference itself on the GPU (same e4m3 rounding, GPU float32 accumulation)
+            try:
+                g = cpu_ref.to(device)
+                gpu_ref = torch.cat([g(w[None].to(device)).logits.float().cpu() for w in windows])
+                cpu_ref.to("cpu")
+            except Exception as err:  # noqa: BLE001 - recorded in the row
+                gpu_ref = f"W8A8 reference did not run on {device}: {err}"
 
     def cmp(x, y):
         lx, ly = log_softmax(x.double()), log_softmax(y.double())
         kl = (ly.exp() * (ly - lx)).sum(-1)
         return {"kl_mean": float(kl.mean()), "top1": float((x.argmax(-1) == y.argmax(-1)).float().mean())}
 
-    return {"tokens": int(windows.numel()), "transformers_device": device,
-            "transformers_path": "FP8 linear, Triton block kernel" if cuda else "CPU: weights dequantized only",
-            "transformers_vs_w8a8_cpu": cmp(a, b), "transformers_vs_fp32": cmp(a, r), "w8a8_cpu_vs_fp32": cmp(b, r)}
+    row = {"tokens": int(windows.numel()), "transformers_device": device, "transformers_path": path,
+           "transformers_kernel_error": kernel_error,
+           "transformers_vs_w8a8_cpu": cmp(a, b), "transformers_vs_fp32": cmp(a, r), "w8a8_cpu_vs_fp32": cmp(b, r)}
+    if isinstance(gpu_ref, str):
+        row["w8a8_gpu_error"] = gpu_ref
+    elif gpu_ref is not None:
+        row["w8a8_gpu_vs_w8a8_cpu"] = cmp(gpu_ref, b)
+        row["w8a8_gpu_vs_fp32"] = cmp(gpu_ref, r)
+    return row
 
 
 def main() -> int:
@@ -161,6 +186,8 @@ def main() -> int:
         if "mean_s_per_layer" in r:
             r["extrapolated_80_layers_s"] = round(r["mean_s_per_layer"] * full, 1)
         res["speed"][f"llm-compressor {scheme}"] = r
+    if a.out:  # the speed rows survive a failing validation row
+        a.out.write_text(json.dumps(res, indent=2) + "\n")
     res["validation"] = validation_row(device, 1024 if a.tiny else a.max_tokens, 128 if a.tiny else a.ctx)
     text = json.dumps(res, indent=2)
     print(text)
