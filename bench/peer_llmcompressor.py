@@ -17,7 +17,7 @@ subprocess of this script (``--peer``), and everything else runs in our venv:
    ``qwen_quant.validate.run_eval`` against the full-precision fixture.
 
     python bench/peer_llmcompressor.py --fixture qwen2-tiny-untied --fixture qwen2-tiny-tied
-    # the hard fixture (planted outlier channels, qwen_quant/testing/outliers.py), test_quality.py's settings:
+    # the hard fixture (planted outlier channels, qwen_quant/faults/outliers.py), test_quality.py's settings:
     python bench/peer_llmcompressor.py --fixture qwen2-tiny-untied-outliers --nsamples 32 --ctx 128 --max-tokens 2048
 
 Setup of the peer venv (torch first, so nothing pulls another torch)::
@@ -192,7 +192,7 @@ def run_fixture(fixture: str, a, work: Path, log: Path) -> dict:
     import qwen_quant
     from qwen_quant.calib import CalibConfig, calibration_samples
     from qwen_quant.models import load_tokenizer
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
 
     src = fixture_path(fixture)
     t0 = time.perf_counter()

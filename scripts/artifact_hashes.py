@@ -55,20 +55,10 @@ def build_all(outdir: Path, parts=("gptq", "awq", "gguf", "onnx")) -> dict[str, 
 def _quant(model, out, method, fmt, sym, calib):
     from qwen_quant import quantize
 
-    if hasattr(quantize, "GPTQConfig"):  # the quantizer interface
-        cls = {"gptq": quantize.GPTQConfig, "awq": quantize.AWQConfig}[method]
-        res = quantize.quantize_model(cls(model=str(model), output=str(out), bits=4, group_size=128, sym=sym, format=fmt,
-                                          calib=calib, device="cpu", force=True, validate=False))
-        return Path(getattr(res, "path", None) or res[0])
-    from qwen_quant.quantize import QuantConfig, quantize_model
-
-    cfg = QuantConfig(model=str(model), output=str(out), method=method, bits=4, group_size=128, sym=sym, format=fmt,
-                      calib=calib, device="cpu", force=True, validate=False)
-    if method == "awq":
-        from qwen_quant.quantize.awq import quantize_awq
-
-        return Path(quantize_awq(cfg)[0])
-    return Path(quantize_model(cfg)[0])
+    cls = {"gptq": quantize.GPTQConfig, "awq": quantize.AWQConfig}[method]
+    res = quantize.quantize_model(cls(model=str(model), output=str(out), bits=4, group_size=128, sym=sym, format=fmt,
+                                      calib=calib, device="cpu", force=True, validate=False))
+    return Path(getattr(res, "path", None) or res[0])
 
 
 if __name__ == "__main__":

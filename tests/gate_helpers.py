@@ -35,7 +35,7 @@ def workdir() -> Path:
 @functools.cache
 def reference() -> Path:
     from qwen_quant.progress import set_quiet
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
 
     set_quiet(True)
     return fixture_path("qwen2-tiny-untied")

@@ -61,15 +61,29 @@ class MoE:
     shared_intermediate_key: str | None = None
     sparse: Callable[[dict, int], bool] = lambda config, layer: True
 
+    def num_experts(self, config: dict) -> int:
+        """Routed experts per sparse layer. Qwen's releases write ``num_experts``; transformers 5 saves
+        Qwen3-MoE's count as ``num_local_experts`` (its config's attribute map), so both are read."""
+        return int(config.get(self.num_experts_key) or config.get("num_local_experts") or 0)
+
 
 @dataclass(frozen=True)
 class GGUFNames:
     """The llama.cpp side: ``arch`` is the gguf-py ``MODEL_ARCH`` member's name; ``pre`` maps the hash
-    of convert_hf_to_gguf.py's check text to the pre-tokenizer name it writes."""
+    of convert_hf_to_gguf.py's check text to the pre-tokenizer name it writes.
+
+    ``params(writer, config)`` makes the family's own ``add_*`` calls, after the keys every text model
+    gets (convert_hf_to_gguf.py's subclasses call them after ``TextModel.set_gguf_parameters``, i.e.
+    after ``general.file_type``; key order is part of the bytes). In a MoE family the writer stacks the
+    per-expert tensors of a layer into one 3-D tensor per projection (``ffn_{gate,up,down}_exps``), as
+    the converter's ``Qwen2MoeModel.modify_tensors`` does; ``dense_layers`` says whether llama.cpp's
+    architecture can hold layers without experts (llama.cpp's qwen2moe/qwen3moe cannot).
+    """
 
     arch: str
     pre: dict[str, str] = field(default_factory=dict)
     params: Callable[[Any, dict], None] | None = None  # family-specific add_* calls on a GGUFWriter
+    dense_layers: bool = True
 
 
 @dataclass(frozen=True)
@@ -125,7 +139,7 @@ class Family:
             return []
         if "#" not in name:
             return [name]
-        return [name.replace("#", str(e)) for e in range(config[moe.num_experts_key])]
+        return [name.replace("#", str(e)) for e in range(moe.num_experts(config))]
 
 
 def rope_theta_of(config: dict[str, Any]) -> float:

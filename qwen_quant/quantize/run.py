@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 
 from qwen_quant.errors import QuantError
-from qwen_quant.models import check_model, load_tokenizer, pick_device
+from qwen_quant.devices import torch_device
+from qwen_quant.models import check_model, load_tokenizer
 from qwen_quant.progress import log, progress
 from qwen_quant.quantize.awq import AWQQuantizer
 from qwen_quant.quantize.config import AWQConfig, GPTQConfig, QuantConfig, RTNConfig, plan_padding
@@ -189,7 +190,7 @@ def quantize_model(cfg: QuantConfig, on_layer: Callable[[str, dict], None] | Non
     if out.exists() and not cfg.force:
         raise QuantError(f"output {out} already exists; pass --force to replace it or choose another -o")
     pad = plan_padding(cfg, hf, fam)
-    device = pick_device(cfg.device)
+    device = torch_device(cfg.device)
     compute = torch.float32 if device == "cpu" else torch.float16
     out_dtype = torch.float16 if cfg.format in ("gptq", "awq") else torch.float32 if device == "cpu" else torch.bfloat16
     if cfg.format == "compressed-tensors":

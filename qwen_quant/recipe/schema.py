@@ -34,6 +34,7 @@ from qwen_quant.errors import QuantError
 from qwen_quant.export.gguf_export import GGUFExportConfig
 from qwen_quant.export.onnx import OnnxExportConfig
 from qwen_quant.quantize.config import AWQConfig, GPTQConfig, QuantConfig, RTNConfig
+from qwen_quant.quantize.fp8 import FP8Config
 from qwen_quant.validate import EvalConfig
 
 FIXTURE_PREFIX = "fixture:"
@@ -45,6 +46,7 @@ ARTIFACT_TYPES: dict[str, tuple[type, dict, tuple[str, ...]]] = {
     "awq": (AWQConfig, {}, ("torch", "vllm")),
     "gguf": (GGUFExportConfig, {}, ("llama.cpp",)),
     "onnx": (OnnxExportConfig, {}, ("onnxruntime",)),
+    "fp8": (FP8Config, {}, ("torch", "vllm")),  # FP8Config fields: format (fp8|compressed-tensors), scheme
 }
 # Fields the runner fills itself (paths, overwrite, validation): not recipe options.
 RUNNER_FIELDS = {"model", "output", "outdir", "force", "validate", "json", "eval", "device", "method",

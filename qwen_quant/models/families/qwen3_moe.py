@@ -34,9 +34,7 @@ FAMILY = Family(
     moe=MOE,
     qkv_bias=False,
     qk_norm=True,
-    gguf=GGUFNames(arch="QWEN3MOE", pre=qwen2.GGUF_PRE),
+    gguf=GGUFNames(arch="QWEN3MOE", pre=qwen2.GGUF_PRE, params=qwen2_moe.gguf_params, dense_layers=False),
     onnx_type=None,
-    supported=False,  # until quantizers and exporters take fused experts
-    hint="Mixture-of-Experts checkpoints are not handled by this version of qwen-quant yet",
     onnx_hint=qwen2_moe.FAMILY.onnx_hint,
 )
