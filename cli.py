@@ -426,13 +426,18 @@ def export_onnx_cmd(
     sym: bool = typer.Option(True, "--sym/--asym", help="int4 symmetric (no zero points) or asymmetric."),
     int8: bool = typer.Option(False, "--int8", help="Dynamic int8 quantization of MatMul weights and the embedding (CPU)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
-    validate: bool = typer.Option(True, "--validate/--no-validate", help="Perplexity + parity against MODEL on onnxruntime."),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Perplexity + parity against MODEL (or --reference) on onnxruntime."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Validate against this model (default for a GPTQ/AWQ checkpoint: the full-precision source it names, else the checkpoint itself)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the validation report here ('-' for stdout)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Export MODEL to ONNX with a KV cache (optimum / onnxruntime-genai layout), optionally int4 or int8.
 
+    A GPTQ, AWQ or compressed-tensors W4A16 checkpoint is exported with its own 4-bit codes in MatMulNBits
+    (no second quantization).
+
     Example: qwen-quant export onnx ./Qwen2-0.5B --int4 --block-size 32 -o ./qwen2-0.5b-onnx-int4
+    Example: qwen-quant export onnx ./qwen2-0.5b-gptq --reference ./Qwen2-0.5B -o ./qwen2-0.5b-gptq-onnx
     """
     from qwen_quant.export.onnx import OnnxExportConfig, export_onnx
     from qwen_quant.progress import set_quiet
@@ -440,7 +445,7 @@ def export_onnx_cmd(
     set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
     export_onnx(OnnxExportConfig(model=model, output=None if output is None else str(output), fp16=fp16, int4=int4,
                                  block_size=block_size, symmetric=sym, int8=int8, force=force, validate=validate,
-                                 json=None if json_out is None else str(json_out)))
+                                 reference=reference, json=None if json_out is None else str(json_out)))
 
 
 def main() -> None:  # console-script entry point

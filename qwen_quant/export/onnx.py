@@ -11,6 +11,11 @@ builds the DynamicCache inside ``forward`` and returns flat presents, so the cac
 crosses the graph boundary. The example inputs use batch 2, sequence 5, past 3 because torch.export
 specialises sizes 0 and 1; the exported graph still runs with past length 0 (tested).
 
+A GPTQ, AWQ or compressed-tensors W4A16 checkpoint is exported through its dequantized dense model and
+each quantized linear's MatMul then becomes a MatMulNBits holding the checkpoint's own codes
+(`onnx_nbits`); such an export is validated against ``reference``, else the full-precision model named
+in the checkpoint's qwen-quant-quantize.json, else the dequantized checkpoint itself.
+
 Post-processing is done on the ONNX protobuf (axis renames, int4 in `onnx_quant`, genai files in
 `onnx_genai`), then the model is saved into a temporary folder that is renamed into place at the end.
 Weights go to an external ``model.onnx.data`` file when they exceed ``external_data_threshold`` bytes
@@ -61,6 +66,7 @@ class OnnxExportConfig:
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     eval_ctx: int = 256
     eval_max_tokens: int | None = 4096
+    reference: str | None = None  # validate against this model; default: the source a quantized checkpoint names
 
     def check(self) -> None:
         if self.int4 and self.int8:
@@ -206,23 +212,32 @@ def export_onnx(cfg: OnnxExportConfig) -> Path:
     src, hf_cfg, family = check_model(cfg.model)
     if family.onnx_type is None:
         raise QuantError(f"{src}: {family.description} has no ONNX export: {family.onnx_hint or 'onnxruntime-genai has no model type for it'}")
+    codes = _checkpoint_codes(src, hf_cfg, cfg)
     out = Path(cfg.output).expanduser() if cfg.output else cfg.default_output()
     if out.exists() and not cfg.force:
         raise QuantError(f"{out} already exists; pass --force to overwrite it or choose another -o")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     t0 = time.perf_counter()
+    nbits = None
     try:
         log(f"exporting {src} to ONNX ({'fp16' if cfg.fp16 else 'fp32'})")
         model = _load_hf(src, cfg.fp16)
+        if codes is not None:
+            _set_exact_weights(model, codes, src)
         proto = torch_to_onnx(model, cfg.opset)
         del model
-        proto = _quantize(proto, cfg)
+        if codes is not None:
+            nbits = _use_checkpoint_codes(proto, codes, hf_cfg, cfg)
+        else:
+            proto = _quantize(proto, cfg)
         external = save_model(proto, tmp, cfg.external_data_threshold)
         del proto
         write_runtime_files(src, tmp, hf_cfg, MODEL_FILE)
         meta = {"source": str(src), "export": {k: v for k, v in asdict(cfg).items() if k not in ("json",)},
                 "external_data": external, "export_seconds": round(time.perf_counter() - t0, 2)}
+        if nbits is not None:
+            meta["checkpoint_codes"] = nbits
         (tmp / "qwen_quant_export.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -232,8 +247,86 @@ def export_onnx(cfg: OnnxExportConfig) -> Path:
         raise
     log(f"wrote {out}")
     if cfg.validate or cfg.json:
-        _validate(out, src, cfg)
+        ref, why = _reference(src, cfg, codes is not None)
+        if codes is not None:
+            log(f"validating against {ref} ({why})")
+        _validate(out, ref, cfg, nbits, why)
     return out
+
+
+def _checkpoint_codes(src: Path, hf_cfg: dict, cfg: OnnxExportConfig):
+    """The checkpoint's own 4-bit codes per linear when it is a GPTQ/AWQ/compressed-tensors checkpoint, else None."""
+    from qwen_quant.export import onnx_nbits
+
+    if not onnx_nbits.quant_method(hf_cfg):
+        if cfg.reference:
+            from qwen_quant.models.loader import resolve_model
+
+            resolve_model(cfg.reference)
+        return None
+    if cfg.int4 or cfg.int8:
+        raise QuantError(f"{src} is already quantized; drop --int4/--int8 (its own codes are exported as MatMulNBits), "
+                         "or export the full-precision source to re-quantize")
+    codes = onnx_nbits.read_codes(src, hf_cfg)
+    onnx_nbits.check_codes(codes)
+    if cfg.reference:
+        from qwen_quant.models.loader import resolve_model
+
+        resolve_model(cfg.reference)
+    return codes
+
+
+def _set_exact_weights(model, codes, src: Path) -> None:
+    """Give each quantized linear exactly ``scale * (code - zero)`` in the export dtype, so its MatMul in
+    the graph is found by the hash of those bytes whatever dequantizing loader built the model."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    for name, lc in codes.items():
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise QuantError(f"{src}: quantized linear {name} is not a module of the model; the checkpoint is damaged") from None
+        w = lc.dequant().to(dtype)
+        if tuple(lin.weight.shape) != tuple(w.shape):
+            raise QuantError(f"{src}: {name} has codes of shape {tuple(w.shape)} but the model expects "
+                             f"{tuple(lin.weight.shape)}; the checkpoint is damaged, re-create it")
+        with torch.no_grad():
+            lin.weight = torch.nn.Parameter(w.contiguous(), requires_grad=False)
+
+
+def _use_checkpoint_codes(proto, codes, hf_cfg: dict, cfg: OnnxExportConfig) -> dict:
+    import numpy as np
+
+    from qwen_quant.export import onnx_nbits
+    from qwen_quant.export.onnx_quant import summary
+
+    method = onnx_nbits.quant_method(hf_cfg)
+    done = onnx_nbits.replace_matmuls(proto, codes, np.float16 if cfg.fp16 else np.float32, cfg.accuracy_level)
+    ops = summary(proto)
+    sizes = sorted({lc.group_size for lc in codes.values()})
+    act_order = sum(lc.g_idx is not None for lc in codes.values())
+    info = {"method": method, "codes": "checkpoint", "bits": 4, "group_size": sizes[0] if len(sizes) == 1 else sizes,
+            "quantized_linears": len(codes), "matmulnbits": len(done), "act_order_linears": act_order,
+            "float_matmuls": ops.get("MatMul", 0)}
+    log(f"{len(done)} of {len(codes)} quantized linears became MatMulNBits with the checkpoint's own {method} codes "
+        f"(group {info['group_size']}{', act-order' if act_order else ''}); {info['float_matmuls']} MatMul stay float")
+    return info
+
+
+def _reference(src: Path, cfg: OnnxExportConfig, quantized: bool) -> tuple[Path, str]:
+    """What the export is validated against, and why that model."""
+    from qwen_quant.export.onnx_nbits import source_of
+    from qwen_quant.models.loader import resolve_model
+
+    if cfg.reference:
+        return resolve_model(cfg.reference), "--reference"
+    if not quantized:
+        return src, "the exported model"
+    named = source_of(src)
+    if named:
+        return Path(named), "the full-precision source named in qwen-quant-quantize.json"
+    return src, "the dequantized checkpoint itself (no source recorded; pass --reference to compare with the original)"
 
 
 def _quantize(proto, cfg: OnnxExportConfig):
@@ -249,8 +342,8 @@ def _quantize(proto, cfg: OnnxExportConfig):
     return onnx_quant.quantize_int8(proto)
 
 
-def _validate(out: Path, src: Path, cfg: OnnxExportConfig) -> None:
-    """Perplexity + parity of the ONNX folder against the source checkpoint (lead's run_eval)."""
+def _validate(out: Path, src: Path, cfg: OnnxExportConfig, nbits: dict | None = None, why: str = "") -> None:
+    """Perplexity + parity of the ONNX folder against ``src`` (the reference model)."""
     try:
         from qwen_quant.report import Report, emit
         from qwen_quant.validate import EvalConfig, run_eval
@@ -258,7 +351,10 @@ def _validate(out: Path, src: Path, cfg: OnnxExportConfig) -> None:
         raise QuantError(f"validation is unavailable ({err}); rerun with --no-validate") from None
     ecfg = EvalConfig(ctx=cfg.eval_ctx, max_tokens=cfg.eval_max_tokens)
     kind = "onnx-" + ("int4" if cfg.int4 else "int8" if cfg.int8 else "fp16" if cfg.fp16 else "fp32")
+    if nbits is not None:
+        kind = f"onnx-int4-{nbits['method']}" + ("-fp16" if cfg.fp16 else "")
     result = run_eval(out, ecfg, reference=src, backend="onnxruntime", device="auto", ref_device="cpu",
                       artifact_type=kind)
-    report = Report(results=[result])
+    extra = {} if nbits is None else {"export": {"checkpoint_codes": nbits, "reference": str(src), "reference_is": why}}
+    report = Report(results=[result], extra=extra)
     emit(report, cfg.json, f"ONNX export {out.name}")

@@ -290,7 +290,7 @@ def quantize_model(cfg: QuantConfig, on_layer: Callable[[str, dict], None] | Non
     if device.startswith("cuda"):  # the counter is reset per layer: the run's peak is the max of all spans
         peak_gpu = max([p["peak_gpu_bytes"] for p in per_layer] + [peak_before, torch.cuda.max_memory_allocated()])
     summary = {
-        "method": cfg.method, "format": cfg.format, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
+        "source": str(src), "method": cfg.method, "format": cfg.format, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
         "desc_act": getattr(cfg, "desc_act", False), "damp": getattr(cfg, "damp", None), "true_sequential": cfg.true_sequential, "intermediate_pad": pad,
         "device": device,
         "options": {k: v for k, v in cfg.options().items() if k not in ("desc_act", "damp")},  # e.g. AWQ's clip
