@@ -196,15 +196,15 @@ def replace_matmuls(proto, codes: dict[str, LinearCodes], dtype: np.dtype, accur
     MatMulNBits holding that linear's codes; returns the replaced linears' names (all of them, or an error)."""
     from onnx import helper, numpy_helper
 
-    from qwen_quant.export.onnx_quant import drop_unused_initializers, fold_constant_transposes
+    from qwen_quant.export.onnx_quant import drop_unused_initializers
 
     check_codes(codes)
-    fold_constant_transposes(proto)
-    drop_unused_initializers(proto)
     wanted: dict[str, list[str]] = {}
     for name, lc in codes.items():
         w_t = lc.dequant().to(_torch_dtype(dtype)).T.numpy()
         wanted.setdefault(_key(w_t), []).append(name)
+    _fold_wanted_transposes(proto, wanted)
+    drop_unused_initializers(proto)
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     nodes, done, new_inits = [], [], []
@@ -253,6 +253,26 @@ def replace_matmuls(proto, codes: dict[str, LinearCodes], dtype: np.dtype, accur
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     drop_unused_initializers(proto)
     return done
+
+
+def _fold_wanted_transposes(proto, wanted: dict) -> None:
+    """Fold Transpose(initializer) into a transposed initializer only where the result is a weight we
+    replace: folding the others (the tied embedding's transpose for lm_head) would store a second float copy."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Transpose" and node.input[0] in inits:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            arr = np.ascontiguousarray(np.transpose(numpy_helper.to_array(inits[node.input[0]]), perm))
+            if arr.ndim == 2 and _key(arr) in wanted:
+                graph.initializer.append(numpy_helper.from_array(arr, node.output[0]))
+                continue
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
 
 
 def read_back(proto, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
