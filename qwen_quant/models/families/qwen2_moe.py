@@ -61,7 +61,5 @@ FAMILY = Family(
     qkv_bias=True,
     gguf=GGUFNames(arch="QWEN2MOE", pre=qwen2.GGUF_PRE),
     onnx_type=None,
-    supported=False,  # until quantizers and exporters take fused experts
-    hint="Mixture-of-Experts checkpoints are not handled by this version of qwen-quant yet",
     onnx_hint="onnxruntime-genai's model builder has no Qwen Mixture-of-Experts model type; use GGUF or a GPTQ/AWQ checkpoint",
 )

@@ -36,7 +36,5 @@ FAMILY = Family(
     qk_norm=True,
     gguf=GGUFNames(arch="QWEN3MOE", pre=qwen2.GGUF_PRE),
     onnx_type=None,
-    supported=False,  # until quantizers and exporters take fused experts
-    hint="Mixture-of-Experts checkpoints are not handled by this version of qwen-quant yet",
     onnx_hint=qwen2_moe.FAMILY.onnx_hint,
 )
