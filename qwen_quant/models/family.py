@@ -61,6 +61,11 @@ class MoE:
     shared_intermediate_key: str | None = None
     sparse: Callable[[dict, int], bool] = lambda config, layer: True
 
+    def count(self, config: dict) -> int:
+        """Routed experts per sparse layer: released config.json files say ``num_experts``, transformers 5
+        writes ``num_local_experts``."""
+        return int(config.get(self.num_experts_key) or config.get("num_local_experts") or 0)
+
 
 @dataclass(frozen=True)
 class GGUFNames:
@@ -125,7 +130,7 @@ class Family:
             return []
         if "#" not in name:
             return [name]
-        return [name.replace("#", str(e)) for e in range(config[moe.num_experts_key])]
+        return [name.replace("#", str(e)) for e in range(moe.count(config))]
 
 
 def rope_theta_of(config: dict[str, Any]) -> float:

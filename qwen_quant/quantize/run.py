@@ -16,6 +16,7 @@ from qwen_quant.quantize.config import QuantConfig, plan_padding
 from qwen_quant.quantize.gptq import Hessian, gptq_quantize, split_rows
 from qwen_quant.quantize.grid import Grid, QuantResult, rtn_quantize
 from qwen_quant.quantize.layerwise import Layerwise, get_module
+from qwen_quant.quantize.moe import DEFAULT_MIN_TOKENS, full_precision_patterns, is_expert, routed_counts, set_calibrate
 from qwen_quant.report import Report
 
 
@@ -43,8 +44,15 @@ def quantize_group(lw: Layerwise, layer, groups, hidden, cfg: QuantConfig, grid:
         lins = [get_module(layer, n) for n in g]
         st = stats.pop(g[0])
         H = st.S.mul_(2.0 / max(st.n, 1))  # the Hessian, in place of the sum
+        n_tokens = st.n
         del st
-        if cfg.method == "gptq":
+        if cfg.method == "gptq" and is_expert(lw.family, g[0]) and n_tokens < cfg.options.get("moe_min_tokens", DEFAULT_MIN_TOKENS):
+            parts = [rtn_quantize(lin.weight.data, grid) for lin in lins]  # too few routed tokens for a Hessian
+            for lin, r in zip(lins, parts):
+                r.error = _relative_error(lin.weight.data, r, H) if n_tokens else 0.0
+            if isinstance(cfg.options.get("moe_fallback"), list):
+                cfg.options["moe_fallback"].extend(g)
+        elif cfg.method == "gptq":
             W = torch.cat([lin.weight.data for lin in lins]) if len(lins) > 1 else lins[0].weight.data
             r = gptq_quantize(W, H, grid, damp=cfg.damp, desc_act=cfg.desc_act, own_hessian=True)
             del W
@@ -74,7 +82,7 @@ def _packer(cfg: QuantConfig, out_dtype: torch.dtype):
     return lambda name, r, bias: ct.pack(name, r.to("cpu"), None if bias is None else bias.cpu(), out_dtype)
 
 
-def _format_config(cfg: QuantConfig) -> dict:
+def _format_config(cfg: QuantConfig, fam=None) -> dict:
     if cfg.format == "gptq":
         from qwen_quant.formats.gptq import quantization_config
 
@@ -85,7 +93,7 @@ def _format_config(cfg: QuantConfig) -> dict:
         return quantization_config(cfg.bits, cfg.group_size, not cfg.sym)
     from qwen_quant.formats.ct import quantization_config
 
-    return quantization_config(cfg.bits, cfg.group_size, cfg.sym, ["lm_head"])
+    return quantization_config(cfg.bits, cfg.group_size, cfg.sym, ["lm_head", *full_precision_patterns(fam)] if fam else ["lm_head"])
 
 
 def _dir_size(p: Path) -> int:
@@ -171,6 +179,9 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
     lw = Layerwise(str(src), hf, fam, device=device, dtype=compute, intermediate_pad=pad, batch_size=cfg.batch_size)
     writer = BackgroundWriter(CheckpointWriter(out, force=cfg.force))  # writes overlap the next layer
     pack = _packer(cfg, out_dtype)
+    set_calibrate(lw.skeleton, cfg.options.get("moe_calibrate", "routed"))
+    fallback = cfg.options.setdefault("moe_fallback", []) if fam.moe else None
+    expert_tokens: dict[str, list[int]] = {}
     per_layer = []
     mark("skeleton")
     try:
@@ -204,7 +215,10 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
                     for groups in passes:
                         results.update(quantize_group(lw, layer, groups, hidden, cfg, grid))
                 phase("quantize")
+                routed_counts(layer)  # reset: the propagating forward routes as the expert captures did
                 hidden = lw.forward(layer, hidden, in_place=True)
+                if fam.moe:
+                    expert_tokens.update({f"{path}.{k}": v for k, v in routed_counts(layer).items()})
                 phase("forward")
                 tensors = {}
                 for name, mod in layer.named_modules():
@@ -236,7 +250,9 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
         if pad:
             key = fam.padding[0].key
             new_cfg[key] = hf[key] + pad
-        new_cfg["quantization_config"] = _format_config(cfg)
+        new_cfg["quantization_config"] = _format_config(cfg, fam)
+        if fam.full_precision and cfg.format in ("gptq", "awq"):  # router and shared-expert gate unquantized
+            new_cfg["quantization_config"]["modules_to_not_convert"] = ["lm_head", *fam.full_precision]
         new_cfg["dtype"] = new_cfg["torch_dtype"] = str(out_dtype).replace("torch.", "")
         t_drain = time.perf_counter()
         writer.finish(new_cfg, src)
@@ -260,6 +276,11 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
         "peak_gpu_bytes": peak_gpu, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "layers": per_layer,
     }
+    if fam.moe:
+        summary["moe"] = {"calibrate": cfg.options.get("moe_calibrate", "routed"),
+                          "min_tokens": cfg.options.get("moe_min_tokens", DEFAULT_MIN_TOKENS),
+                          "routed_tokens": expert_tokens, "fallback_rtn": list(fallback or []),
+                          "full_precision": list(fam.full_precision)}
     (out / "qwen-quant-quantize.json").write_text(json.dumps(summary, indent=2))
     report = Report(extra={"quantize": summary})
     if cfg.validate:

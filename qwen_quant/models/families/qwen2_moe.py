@@ -19,7 +19,7 @@ from qwen_quant.models.families import qwen2
 def sparse_layer(config: dict, layer: int) -> bool:
     step = config.get("decoder_sparse_step") or 1
     return (layer not in (config.get("mlp_only_layers") or [])
-            and config.get("num_experts", 0) > 0 and (layer + 1) % step == 0)
+            and (config.get("num_experts") or config.get("num_local_experts") or 0) > 0 and (layer + 1) % step == 0)
 
 
 EXPERT_IN = ("mlp.experts.#.gate_proj", "mlp.experts.#.up_proj")
