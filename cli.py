@@ -8,6 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from qwen_quant.quiet import silence_foreign
+
+silence_foreign()  # before torch/transformers/onnx load: their warnings and bars are not ours to show
+
 app = typer.Typer(
     name="qwen-quant",
     help="Quantize Qwen checkpoints (GPTQ, AWQ, GGUF, ONNX) and validate every artifact against the full-precision model.",
@@ -34,12 +38,6 @@ JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Write the JSON 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
-def _fail(err: Exception) -> None:
-    """Print a user error as one line and exit 2."""
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(2)
-
-
 def _emit(report, json_path: Optional[Path], title: str) -> None:
     from qwen_quant.report import emit
 
@@ -50,9 +48,9 @@ def _emit(report, json_path: Optional[Path], title: str) -> None:
 def eval_cmd(
     model: str = typer.Argument(..., help="Artifact to measure: checkpoint folder (full, GPTQ, AWQ, compressed-tensors), .gguf file, or ONNX folder/file."),
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Full-precision checkpoint to compare against (KL, top-1, greedy parity)."),
-    backend: Optional[str] = typer.Option(None, help="torch, llama.cpp or onnxruntime (default: the artifact's natural runtime)."),
+    backend: Optional[str] = typer.Option(None, help="torch, llama.cpp, onnxruntime or vllm (default: the artifact's natural runtime)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N, or cuda:0,1,... to split models too large for one GPU over several (torch)."),
-    dtype: Optional[str] = typer.Option(None, help="Compute dtype on the torch backend: fp32, fp16, bf16 (default fp32 on CPU, bf16 on CUDA)."),
+    dtype: Optional[str] = typer.Option(None, help="Compute dtype: fp32, fp16, bf16 on torch (default fp32 on CPU, bf16 on CUDA) and vllm (default fp16 for GPTQ/AWQ, else bf16; fp32 for a full-precision model on CPU); llama.cpp and onnxruntime compute in the artifact's own types and ignore it."),
     streamed: Optional[bool] = typer.Option(None, "--streamed/--no-streamed", help="Score layer by layer (reference + artifact together), for models that do not fit the device; default: chosen by itself when they do not fit."),
     batch_size: int = typer.Option(0, help="Windows per forward (0: about 16k tokens on CUDA, 4k on the CPU)."),
     ctx: int = typer.Option(512, help="Window length in tokens."),
@@ -146,14 +144,14 @@ def gptq(
     """
     from qwen_quant.calib import CalibConfig
     from qwen_quant.progress import set_quiet
-    from qwen_quant.quantize import QuantConfig, quantize_model
+    from qwen_quant.quantize import GPTQConfig, RTNConfig, quantize_model
     from qwen_quant.validate import EvalConfig
 
     set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
-    cfg = QuantConfig(model=model, output=str(output), method="rtn" if rtn else "gptq", bits=bits, group_size=group_size,
-                      sym=sym, desc_act=desc_act, damp=damp, true_sequential=true_sequential, format=fmt, calib=CalibConfig(calib, nsamples, seqlen, seed),
-                      chat=chat, device=device, pad=pad, force=force, validate=validate,
-                      eval=EvalConfig(ctx=ctx, max_tokens=max_tokens))
+    common = dict(model=model, output=str(output), bits=bits, group_size=group_size, sym=sym, true_sequential=true_sequential,
+                  format=fmt, calib=CalibConfig(calib, nsamples, seqlen, seed), chat=chat, device=device, pad=pad,
+                  force=force, validate=validate, eval=EvalConfig(ctx=ctx, max_tokens=max_tokens))
+    cfg = RTNConfig(**common) if rtn else GPTQConfig(**common, desc_act=desc_act, damp=damp)
     out, report = quantize_model(cfg)
     _print_quant_summary(report.extra["quantize"], out)
     _emit(report, json_out, f"qwen-quant gptq: {out}")
@@ -165,7 +163,8 @@ def awq(
     output: Path = typer.Option(..., "--output", "-o", help="Output folder for the quantized checkpoint."),
     bits: int = typer.Option(4, help="Weight bits: 4 (the AWQ GEMM format); 8 with --format compressed-tensors."),
     group_size: int = typer.Option(128, help="Columns per quantization group: 32, 64 or 128."),
-    zero_point: bool = typer.Option(True, "--zero-point/--no-zero-point", help="Asymmetric grid with a zero point per group (AWQ's default) or symmetric."),
+    sym: bool = typer.Option(False, "--sym/--asym", help="Symmetric grid, or asymmetric with a zero point per group (AWQ's default); recipes' `sym`."),
+    zero_point: Optional[bool] = typer.Option(None, "--zero-point/--no-zero-point", hidden=True, help="Old spelling of --asym/--sym."),
     clip: bool = typer.Option(True, "--clip/--no-clip", help="Search per-group clipping of the weight range (not for q/k)."),
     fmt: str = typer.Option("awq", "--format", help="awq (AutoAWQ GEMM, as Qwen's -AWQ releases) or compressed-tensors (W4A16 pack-quantized)."),
     calib: Calib = "shipped",
@@ -188,17 +187,44 @@ def awq(
     """
     from qwen_quant.calib import CalibConfig
     from qwen_quant.progress import set_quiet
-    from qwen_quant.quantize import QuantConfig
-    from qwen_quant.quantize.awq import quantize_awq
+    from qwen_quant.quantize import AWQConfig, quantize_model
     from qwen_quant.validate import EvalConfig
 
     set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
-    cfg = QuantConfig(model=model, output=str(output), method="awq", bits=bits, group_size=group_size, sym=not zero_point,
+    cfg = AWQConfig(model=model, output=str(output), bits=bits, group_size=group_size, sym=sym if zero_point is None else not zero_point,
                       format=fmt, calib=CalibConfig(calib, nsamples, seqlen, seed), chat=chat, device=device, pad=pad,
-                      force=force, validate=validate, eval=EvalConfig(ctx=ctx, max_tokens=max_tokens), options={"clip": clip})
-    out, report = quantize_awq(cfg)
+                      force=force, validate=validate, eval=EvalConfig(ctx=ctx, max_tokens=max_tokens), clip=clip)
+    out, report = quantize_model(cfg)
     _print_quant_summary(report.extra["quantize"], out)
     _emit(report, json_out, f"qwen-quant awq: {out}")
+
+
+@app.command()
+def fp8(
+    model: str = typer.Argument(..., help="Full-precision Qwen checkpoint folder (or cached hub id)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder for the FP8 checkpoint."),
+    fmt: str = typer.Option("fp8", "--format", help="fp8 (Qwen's -FP8 layout: quant_method fp8, weight_scale_inv per 128x128 block) or compressed-tensors (as llm-compressor writes)."),
+    scheme: str = typer.Option("block", help="block (128x128 weight blocks, activations per token and 128 channels: FP8_BLOCK) or dynamic (per-channel weights, per-token activations: FP8_DYNAMIC; compressed-tensors only)."),
+    device: Device = "auto",
+    force: Force = False,
+    validate: Validate = True,
+    ctx: Ctx = 512,
+    max_tokens: MaxTokens = None,
+    json_out: JsonOut = None,
+    quiet: Quiet = False,
+) -> None:
+    """FP8 e4m3 weights (no calibration), streamed layer by layer, then validation as the W8A8 kernel computes.
+
+    Example: qwen-quant fp8 ./Qwen3-8B -o ./Qwen3-8B-FP8
+    """
+    from qwen_quant.progress import set_quiet
+    from qwen_quant.quantize.fp8 import FP8Config, quantize_fp8
+    from qwen_quant.validate import EvalConfig
+
+    set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
+    out, report = quantize_fp8(FP8Config(model=model, output=str(output), format=fmt, scheme=scheme, device=device,
+                                         force=force, validate=validate, eval=EvalConfig(ctx=ctx, max_tokens=max_tokens)))
+    _emit(report, json_out, f"qwen-quant fp8: {out}")
 
 
 def _print_quant_summary(s: dict, out: Path) -> None:
@@ -280,6 +306,10 @@ def check(
     max_kl_increase: Optional[str] = typer.Option(None, "--max-kl-increase", help="Allowed mean-KL growth over the baseline, e.g. 50% (the default)."),
     kl_floor: Optional[float] = typer.Option(None, "--kl-floor", help="KL growth below this absolute amount never fails (default 0.0002)."),
     max_top1_drop: Optional[float] = typer.Option(None, "--max-top1-drop", help="Allowed top-1 agreement drop below the baseline, in points (default 0.5)."),
+    max_greedy_exact_drop: Optional[int] = typer.Option(None, "--max-greedy-exact-drop", help="Allowed drop in greedy prompts matching the reference exactly (default 1 on CPU backends, 2 elsewhere)."),
+    max_greedy_prefix_drop: Optional[str] = typer.Option(None, "--max-greedy-prefix-drop", help="Allowed relative drop of the mean greedy matching prefix, e.g. 15% (the CPU default)."),
+    match: Optional[list[str]] = typer.Option(None, "--match", help="NOW=BASE: compare the report's artifact NOW with the baseline's BASE (repeatable), when names differ."),
+    allow: Optional[list[str]] = typer.Option(None, "--allow", help="Accept a failed metadata check by name, e.g. 'generation temperature' (repeatable)."),
     update_baseline: bool = typer.Option(False, "--update-baseline", help="Write REPORT over the --baseline file instead of checking."),
 ) -> None:
     """CI gate: exit 1 if any artifact/backend regressed against the baseline or the limits, 0 otherwise.
@@ -289,6 +319,8 @@ def check(
     fails) and top-1 -0.5 points; without one, absolute limits per artifact class. A failed metadata
     check (tokenizer, special ids, chat template, rope/eps/context) fails too. Exit 2 on unusable
     input: missing or invalid files, a baseline measured on other data, or nothing to check.
+
+    Results are matched by artifact name, then by role (artifact type and backend); --match maps names.
 
     Example: qwen-quant check out/report.json --baseline ci/baseline.json --max-ppl-increase 1%
     """
@@ -304,8 +336,20 @@ def check(
         limits["kl_floor"] = kl_floor
     if max_top1_drop is not None:
         limits["max_top1_drop"] = max_top1_drop / 100  # points -> fraction
+    if max_greedy_exact_drop is not None:
+        limits["max_greedy_exact_drop"] = max_greedy_exact_drop
+    if max_greedy_prefix_drop is not None:
+        limits["max_greedy_prefix_drop"] = parse_fraction(max_greedy_prefix_drop, "--max-greedy-prefix-drop")
+    pairs = {}
+    for m in match or []:
+        a, sep, b = m.partition("=")
+        if not sep or not a or not b:
+            from qwen_quant.errors import QuantError
+
+            raise QuantError(f"--match {m}: write it as NOW=BASE (report artifact name = baseline artifact name)")
+        pairs[a] = b
     code = run_check(CheckConfig(report=str(report), baseline=None if baseline is None else str(baseline),
-                                 thresholds=limits, update_baseline=update_baseline), echo=typer.echo)
+                                 thresholds=limits, update_baseline=update_baseline, match=pairs, allow=list(allow or [])), echo=typer.echo)
     raise typer.Exit(code)
 
 
@@ -346,7 +390,8 @@ def convert(
 def export_gguf_cmd(
     model: str = typer.Argument(..., help="qwen2 checkpoint folder (Qwen v1: run `qwen-quant convert` first)."),
     types: str = typer.Option("q4_k_m", "--type", "-t", help="Comma-separated GGUF types: q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, q4_1, q4_0, q3_k_l, q3_k_m, q3_k_s, q2_k, f16, bf16, f32."),
-    outdir: Optional[Path] = typer.Option(None, "--outdir", "-o", help="Folder for <name>-<type>.gguf (default: <model>-gguf)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for <name>-<type>.gguf (default: <model>-gguf)."),
+    outdir: Optional[Path] = typer.Option(None, "--outdir", hidden=True, help="Old spelling of --output."),
     outtype: str = typer.Option("f16", help="Float intermediate the quantized types are made from: f16, bf16 or f32."),
     imatrix: bool = typer.Option(False, "--imatrix/--no-imatrix", help="Weight the quantization error by an importance matrix from the calibration data."),
     calib: str = typer.Option("shipped", help="Calibration text for --imatrix: shipped, a .txt/.jsonl/.parquet file, or hf:NAME."),
@@ -365,7 +410,8 @@ def export_gguf_cmd(
     from qwen_quant.progress import set_quiet
 
     set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
-    export_gguf(GGUFExportConfig(model=model, types=types, outdir=None if outdir is None else str(outdir), outtype=outtype,
+    output = output if output is not None else outdir
+    export_gguf(GGUFExportConfig(model=model, types=types, outdir=None if output is None else str(output), outtype=outtype,
                                  imatrix=imatrix, calib=calib, nsamples=nsamples, seqlen=seqlen, force=force,
                                  validate=validate, json=None if json_out is None else str(json_out)))
 

@@ -7,12 +7,23 @@ metadata key (type and value) and every tensor (name, type, shape, bytes) is com
 
     python bench/compare_llamacpp_convert.py ./Qwen2-0.5B --convert ~/llama.cpp/convert_hf_to_gguf.py
 
+Any family with a GGUF architecture works the same way (qwen2, qwen3, qwen2_moe, qwen3_moe); the
+last line also says whether the two files are byte-identical.
+
+The converter's ``Qwen2Model.set_vocab`` (also used by Qwen3) imports sentencepiece before it looks for
+a ``tokenizer.model``, and catches only the missing file: without the package it dies before reaching
+the BPE vocabulary it would write. When sentencepiece is not installed, the converter runs with an
+empty stand-in module on its path, which changes nothing else (the Qwen tokenizer has no
+``tokenizer.model``, so the converter falls through to the gpt2 vocabulary as with the real package).
+
 Exit code 0: identical (except keys passed with --ignore); 1: differences (listed).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import subprocess
 import sys
 import tempfile
@@ -74,9 +85,21 @@ def diff(ours: Path, theirs: Path, ignore: set[str]) -> list[str]:
     return problems
 
 
+def run_converter(convert: Path, model: Path, out: Path, outtype: str, work: Path) -> None:
+    """Run convert_hf_to_gguf.py with this Python and its installed gguf-py (see the module docstring)."""
+    env = dict(os.environ)
+    if importlib.util.find_spec("sentencepiece") is None:
+        stub = work / "sentencepiece-stub"
+        stub.mkdir(exist_ok=True)
+        (stub / "sentencepiece.py").write_text("class SentencePieceProcessor:\n    pass\n")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(stub), env.get("PYTHONPATH")]))
+    subprocess.run([sys.executable, str(convert), str(model), "--outfile", str(out), "--outtype", outtype],
+                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", type=Path, help="Hugging Face qwen2 checkpoint folder")
+    ap.add_argument("model", type=Path, help="Hugging Face checkpoint folder (any family with a GGUF architecture)")
     ap.add_argument("--convert", type=Path, required=True, help="llama.cpp's convert_hf_to_gguf.py")
     ap.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16"])
     ap.add_argument("--workdir", type=Path, default=None, help="keep both GGUFs here (default: a temp dir)")
@@ -89,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     ours, theirs = work / f"ours-{args.outtype}.gguf", work / f"llamacpp-{args.outtype}.gguf"
     write_float_gguf(args.model, ours, args.outtype)
-    subprocess.run([sys.executable, str(args.convert), str(args.model), "--outfile", str(theirs),
-                    "--outtype", args.outtype], check=True)
+    run_converter(args.convert, args.model, theirs, args.outtype, work)
     problems = diff(ours, theirs, set(args.ignore))
     for p in problems:
         print(p)
-    print(f"{'IDENTICAL' if not problems else f'{len(problems)} difference(s)'}: {ours} vs {theirs}")
+    same_bytes = ours.read_bytes() == theirs.read_bytes()
+    print(f"{'IDENTICAL' if not problems else f'{len(problems)} difference(s)'}"
+          f"{' (byte-identical files)' if same_bytes else ''}: {ours} vs {theirs}")
     return 1 if problems else 0
 
 

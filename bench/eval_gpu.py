@@ -1,4 +1,4 @@
-"""Benchmark: validation at the seeds' scale (issue 11), with random weights on one GPU.
+"""Benchmark: validation at the seeds' scale, with random weights on one GPU.
 
 Part ``7b`` (Qwen1.5-7B shape, 32 layers, bf16): the reference and the artifact (a copy of the
 reference with Gaussian noise of 5% of each weight's std added: same shape and cost as any artifact

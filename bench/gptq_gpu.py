@@ -72,7 +72,7 @@ def main() -> int:
 
     from qwen_quant.calib import CalibConfig, default_tokenizer_dir
     from qwen_quant.progress import set_quiet
-    from qwen_quant.quantize import QuantConfig, quantize_model
+    from qwen_quant.quantize import GPTQConfig, quantize_model
 
     set_quiet(True)
     work = Path(a.workdir or tempfile.mkdtemp())
@@ -80,7 +80,7 @@ def main() -> int:
     src = build(a.shape, a.layers, work / a.shape, default_tokenizer_dir())
     build_s = time.perf_counter() - t0
     torch.cuda.synchronize()
-    cfg = QuantConfig(model=str(src), output=str(work / f"{a.shape}-gptq"), bits=a.bits, device="cuda",
+    cfg = GPTQConfig(model=str(src), output=str(work / f"{a.shape}-gptq"), bits=a.bits, device="cuda",
                       true_sequential=not a.no_true_sequential,
                       calib=CalibConfig(nsamples=a.nsamples, seqlen=a.seqlen), validate=False, force=True,
                       # the shipped text is repeated (reshuffled) when nsamples x seqlen exceeds it; see calib.sampling

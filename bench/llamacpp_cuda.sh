@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# llama.cpp with CUDA on the lent GPU: build llama-cpp-python with CUDA, make a 7B-shaped q4_k_m GGUF,
+# llama.cpp with CUDA on one GPU: build llama-cpp-python with CUDA, make a 7B-shaped q4_k_m GGUF,
 # and evaluate it with all layers offloaded (CUDA row) against llama.cpp on the CPU (CPU row), in ONE call.
 #
 #   bash bench/llamacpp_cuda.sh pack            # here (has network): sdist + build wheels -> build/llamacpp-cuda/ (~47 MB)
-#   bash bench/llamacpp_cuda.sh gpu [RUN ARGS]  # on the GPU machine (no network), inside one device call;
+#   bash bench/llamacpp_cuda.sh gpu [RUN ARGS]  # on the GPU machine (no network needed), in one run;
 #                                               # SHAPE=qwen2-7b picks another shape (default qwen1.5-7b)
 #   bash bench/llamacpp_cuda.sh smoke           # here, on the CPU: the eval half with the installed CPU wheel
 #
-# Device call (carry: build/llamacpp-cuda, .device-wheels/project, .device-wheels/qwen2-tokenizer):
+# On the GPU machine (copy there first: build/llamacpp-cuda, .device-wheels/project, .device-wheels/qwen2-tokenizer):
 #   bash bench/llamacpp_cuda.sh gpu --tokens 4096
 # `gpu` also leaves a stripped, xz-packed copy of the CUDA build in $OUT (lcpp-prebuilt.tar.xz.part00..,
 # ~40 MB in 15 MiB parts). Copy those parts into build/lcpp-prebuilt/ here and the next call skips the
-# 6-minute build (carry build/lcpp-prebuilt and build/llamacpp-cuda/wheels instead of build/llamacpp-cuda).
+# 6-minute build (copy build/lcpp-prebuilt and build/llamacpp-cuda/wheels instead of build/llamacpp-cuda).
 #
-# Why a repacked sdist: the GPU machine has no network, and a device call carries at most 64 MiB. The
+# Why a repacked sdist: a GPU machine without network gets its files copied over, and the smaller the better. The
 # llama-cpp-python 0.3.36 sdist is 76 MB; most of it is llama.cpp's model vocab files, docs, web UI and
 # backends we do not build. `pack` deletes those (the list is below) and keeps everything CMake reads with
 # -DGGML_CUDA=on -DLLAVA_BUILD=OFF, which leaves ~46 MB. The folder build/ is git-ignored (`/build/`).

@@ -3,7 +3,7 @@ built like the CUDA bench's (``bench/llamacpp_cuda.py``): the noise floor of a l
 
     python bench/llamacpp_noise.py --hidden 2048 --layers 32 --json bench/results/llamacpp-noise-2048x32.json
 
-Why: on the lent H100, llama.cpp CUDA vs llama.cpp CPU on a random 7B-shaped q4_k_m agreed on only 88%
+Why: on an H100, llama.cpp CUDA vs llama.cpp CPU on a random 7B-shaped q4_k_m agreed on only 88%
 of top-1 tokens (KL 0.016), which the CUDA bench's a-priori parity limits flag. Both runtimes
 quantize activations (the CPU to q8_K, CUDA's MMQ to q8_1) and sum in their own order; on random
 weights many top-2 gaps are small. This measures what one runtime alone costs against exact math: the

@@ -17,7 +17,7 @@ subprocess of this script (``--peer``), and everything else runs in our venv:
    ``qwen_quant.validate.run_eval`` against the full-precision fixture.
 
     python bench/peer_llmcompressor.py --fixture qwen2-tiny-untied --fixture qwen2-tiny-tied
-    # the hard fixture (planted outlier channels, qwen_quant/testing/outliers.py), test_quality.py's settings:
+    # the hard fixture (planted outlier channels, qwen_quant/faults/outliers.py), test_quality.py's settings:
     python bench/peer_llmcompressor.py --fixture qwen2-tiny-untied-outliers --nsamples 32 --ctx 128 --max-tokens 2048
 
 Setup of the peer venv (torch first, so nothing pulls another torch)::
@@ -127,8 +127,7 @@ def ours_quantize(method: str, model_dir: str, calib: str, out: str, damp: float
     import qwen_quant
     from qwen_quant.calib import CalibConfig
     from qwen_quant.progress import set_quiet
-    from qwen_quant.quantize import QuantConfig, quantize_model
-    from qwen_quant.quantize.awq import quantize_awq
+    from qwen_quant.quantize import config_for, quantize_model
 
     set_quiet(True)
     ids = np.load(calib)
@@ -137,12 +136,13 @@ def ours_quantize(method: str, model_dir: str, calib: str, out: str, damp: float
     # shipped corpus itself (the orchestrator checked that it would sample exactly these windows);
     # neither tool's time or RSS then includes tokenization.
     CalibConfig.samples = lambda self, tokenizer: torch.from_numpy(ids)
-    cfg = QuantConfig(model=model_dir, output=out, method=method, bits=4, group_size=128, sym=method == "gptq",
-                      desc_act=False, damp=damp, format="compressed-tensors", device="cpu", validate=False,
+    extra = {"desc_act": False, "damp": damp} if method == "gptq" else {}
+    cfg = config_for(method, model=model_dir, output=out, bits=4, group_size=128, sym=method == "gptq", **extra,
+                      format="compressed-tensors", device="cpu", validate=False,
                       force=True, calib=CalibConfig(nsamples=n, seqlen=seqlen, seed=0))
     rss_import = _rss_bytes()
     t0 = time.perf_counter()
-    _, report = (quantize_awq if method == "awq" else quantize_model)(cfg)
+    _, report = quantize_model(cfg)
     seconds = time.perf_counter() - t0
     s = report.extra["quantize"]
     return {"tool": "qwen-quant", "method": method, "seconds": round(seconds, 2), "seconds_internal": s["seconds"],
@@ -192,7 +192,7 @@ def run_fixture(fixture: str, a, work: Path, log: Path) -> dict:
     import qwen_quant
     from qwen_quant.calib import CalibConfig, calibration_samples
     from qwen_quant.models import load_tokenizer
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
 
     src = fixture_path(fixture)
     t0 = time.perf_counter()

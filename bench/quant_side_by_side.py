@@ -203,24 +203,23 @@ def ours_side(method: str, model_dir: str, calib: str, device: str) -> dict:
 
     from qwen_quant.calib import CalibConfig
     from qwen_quant.progress import set_quiet
-    from qwen_quant.quantize import QuantConfig, quantize_model
-    from qwen_quant.quantize.awq import quantize_awq
+    from qwen_quant.quantize import config_for, quantize_model
 
     set_quiet(True)
     check = solve_check() if device == "cuda" else None
     ids = np.load(calib)
     CalibConfig.samples = lambda self, tokenizer: torch.from_numpy(ids)  # the exact ids the peer got
     n, seqlen = ids.shape
-    cfg = QuantConfig(model=model_dir, output=str(Path(model_dir).parent / f"ours-{method}-{n}x{seqlen}"),
-                      method=method, bits=4, group_size=128, sym=method == "gptq", damp=0.01,
+    cfg = config_for(method, model=model_dir, output=str(Path(model_dir).parent / f"ours-{method}-{n}x{seqlen}"),
+                      bits=4, group_size=128, sym=method == "gptq", **({"damp": 0.01} if method == "gptq" else {}),
                       format="gptq" if method == "gptq" else "awq", device=device, validate=False, force=True,
-                      calib=CalibConfig(nsamples=n, seqlen=seqlen), options={"phases": True})
+                      calib=CalibConfig(nsamples=n, seqlen=seqlen), phases=True)
     import transformers.models.qwen2.modeling_qwen2  # noqa: F401 - imported before the peer's timer too (from_pretrained)
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    _, report = (quantize_awq if method == "awq" else quantize_model)(cfg)
+    _, report = quantize_model(cfg)
     seconds = time.perf_counter() - t0
     s = report.extra["quantize"]
     from qwen_quant.quantize.gptq import MM_MODE

@@ -5,7 +5,7 @@ loads ``libggml`` with RTLD_GLOBAL before ``libllama``, so libggml's dependencie
 libggml-cuda, ...) join the global scope ahead of libstdc++. A CUDA build made with nvcc 13 exports
 weak copies of libstdc++ template instances from libggml-cuda.so, and libllama's calls such as
 ``std::ostream::operator<<(long)`` then bind to those copies, which call the wrong virtual slot:
-every model load segfaulted, offloaded or not (measured on the lent H100: SIGSEGV at 0x20 in
+every model load segfaulted, offloaded or not (measured on an H100: SIGSEGV at 0x20 in
 ``codecvt::do_unshift`` called from ``ostream::_M_insert<long>`` in libggml-cuda.so, under
 ``llama_model_load_from_file``). With libstdc++ global first, every such reference binds to the real
 library, as ``LD_PRELOAD=libstdc++.so.6`` does (both measured to load and run there, also when torch

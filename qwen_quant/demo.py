@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from qwen_quant.report import Report
+from qwen_quant.resources import recipe
 
-DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+DEMO_RECIPE = recipe("demo.yaml")
 
 
 def run_demo(workdir: Path) -> Report:

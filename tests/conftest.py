@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:
 
 def _fixture(name: str) -> Path:
     from qwen_quant.progress import set_quiet
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
 
     set_quiet(True)
     return fixture_path(name)

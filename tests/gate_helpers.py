@@ -35,7 +35,7 @@ def workdir() -> Path:
 @functools.cache
 def reference() -> Path:
     from qwen_quant.progress import set_quiet
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
 
     set_quiet(True)
     return fixture_path("qwen2-tiny-untied")
@@ -56,17 +56,14 @@ def artifact(kind: str) -> Path:
 
 def _build(kind: str, ref: Path, root: Path) -> Path:
     from qwen_quant.calib import CalibConfig
-    from qwen_quant.quantize.config import QuantConfig
+    from qwen_quant.quantize.config import config_for
 
     calib = CalibConfig(nsamples=8, seqlen=64)
     if kind in ("gptq", "awq", "ct"):
-        kw = {"gptq": {}, "ct": {"format": "compressed-tensors"}, "awq": {"method": "awq", "format": "awq", "sym": False}}[kind]
-        cfg = QuantConfig(model=str(ref), output=str(root / f"tiny-{kind}"), bits=4, group_size=64, calib=calib,
+        kw = {"gptq": {}, "ct": {"format": "compressed-tensors"}, "awq": {}}[kind]
+        cfg = config_for("awq" if kind == "awq" else "gptq", model=str(ref), output=str(root / f"tiny-{kind}"), bits=4, group_size=64, calib=calib,
                           device="cpu", validate=False, **kw)
-        if kind == "awq":
-            from qwen_quant.quantize.awq import quantize_awq as quantize
-        else:
-            from qwen_quant.quantize import quantize_model as quantize
+        from qwen_quant.quantize import quantize_model as quantize
         out, _ = quantize(cfg)
         return Path(out)
     if kind == "gguf":

@@ -17,7 +17,7 @@ TOKENIZER_DIR = Path("/work/shared/fixtures/qwen2-tokenizer")
 
 @lru_cache(maxsize=None)
 def model_dir(name: str) -> Path:
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
 
     return fixture_path(name, quiet=True)
 

@@ -13,7 +13,7 @@ import torch
 
 from qwen_quant.models import QWEN2
 from qwen_quant.calib import CalibConfig
-from qwen_quant.quantize import QuantConfig, quantize_model
+from qwen_quant.quantize import AWQConfig, QuantConfig, config_for, quantize_model
 from qwen_quant.quantize import awq
 from qwen_quant.quantize.grid import Grid
 from qwen_quant.validate import EvalConfig
@@ -36,16 +36,12 @@ def awq_unpack_reference(packed: torch.Tensor) -> torch.Tensor:
 
 
 def recording_layer_hook(store: list):
-    """The AWQ layer hook, keeping each layer's QuantResults (in layer order) for the tests."""
-    def hook(lw, layer, hidden, cfg, grid):
-        res = awq.quantize_layer(lw, layer, hidden, cfg, grid)
-        store.append(res)
-        return res
-    return hook
+    """An ``on_layer`` callback keeping each layer's QuantResults (in layer order) for the tests."""
+    return lambda path, results: store.append(results)
 
 
 def _cfg(model, out, method="awq", fmt="awq", validate=True, calib=CALIB, **kw) -> QuantConfig:
-    return QuantConfig(model=str(model), output=str(out), method=method, bits=4, group_size=128, sym=False, format=fmt,
+    return config_for(method, model=str(model), output=str(out), bits=4, group_size=128, sym=False, format=fmt,
                        calib=CalibConfig("shipped", calib["nsamples"], calib["seqlen"], 0), device="cpu", force=True,
                        validate=validate, eval=EVAL, **kw)
 
@@ -55,7 +51,7 @@ def awq_tied(tied_model, tmp_path_factory):
     """AWQ int4 g128 in the GEMM layout of the tied GQA fixture, validated; plus the results chosen."""
     results: list = []
     out = tmp_path_factory.mktemp("awq") / "tied-awq"
-    out, report = awq.quantize_awq(_cfg(tied_model, out, options={"quantize_layer": recording_layer_hook(results)}))
+    out, report = quantize_model(_cfg(tied_model, out), on_layer=recording_layer_hook(results))
     return out, report, results
 
 
@@ -170,7 +166,7 @@ def test_awq_format_rejects_other_widths(tied_model, tmp_path):
     from qwen_quant.errors import QuantError
 
     with pytest.raises(QuantError, match="4-bit"):
-        awq.quantize_awq(QuantConfig(model=str(tied_model), output=str(tmp_path / "x"), method="awq", bits=8, sym=False, format="awq"))
+        quantize_model(AWQConfig(model=str(tied_model), output=str(tmp_path / "x"), bits=8, sym=False, format="awq"))
     assert not (tmp_path / "x").exists()
 
 
@@ -214,10 +210,9 @@ def test_awq_checkpoint_dequantizes_to_the_chosen_weights(awq_tied):
 
 def _ct_run(model, out, zero_point: bool):
     results: list = []
-    cfg = _cfg(model, out, fmt="compressed-tensors", validate=False, calib=dict(nsamples=16, seqlen=128),
-               options={"quantize_layer": recording_layer_hook(results)})
+    cfg = _cfg(model, out, fmt="compressed-tensors", validate=False, calib=dict(nsamples=16, seqlen=128))
     cfg.sym = not zero_point
-    out, _ = awq.quantize_awq(cfg)
+    out, _ = quantize_model(cfg, on_layer=recording_layer_hook(results))
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
     assert qc["config_groups"]["group_0"]["weights"]["symmetric"] is (not zero_point)
@@ -289,7 +284,7 @@ def test_awq_beats_rtn_and_writes_benchmarks(untied_model, tmp_path):
     """On the MHA fixture (all four AWQ scale pairs apply), AWQ beats RTN on held-out perplexity and KL."""
     ev = EvalConfig(ctx=128, max_tokens=BENCH_TOKENS, greedy_tokens=0)
     rows = {}
-    for label, method, run in (("RTN", "rtn", quantize_model), ("GPTQ", "gptq", quantize_model), ("AWQ", "awq", awq.quantize_awq)):
+    for label, method, run in (("RTN", "rtn", quantize_model), ("GPTQ", "gptq", quantize_model), ("AWQ", "awq", quantize_model)):
         cfg = _cfg(untied_model, tmp_path / method, method=method, fmt="awq" if method == "awq" else "gptq")
         cfg.eval = ev
         _, rep = run(cfg)

@@ -309,7 +309,7 @@ def trained_long_context_effect(tmp: Path, lengths=(65, 94, 129), seq: int = 64,
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
     from qwen_quant.calib.sources import shipped_dir
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
 
     fx = fixture_path("qwen2-tiny-untied", quiet=True)
     src = qwen_v1_from(fx, tmp / "v1-trained")

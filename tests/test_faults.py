@@ -1,6 +1,6 @@
 """The gate catches planted faults: seeded damage to real artifacts of every type, through `eval` + `check`.
 
-Faults come from `qwen_quant.testing.faults` (seeded, so no test depends on one damaged byte):
+Faults come from `qwen_quant.faults.plant` (seeded, so no test depends on one damaged byte):
 metadata faults (tokenizer, pre-tokenizer, special ids, chat template, rope/eps/context) and small
 numeric damage pass `eval` (exit 0) and fail `check` (exit 1) with one line naming the artifact;
 truncation and config/tensor mismatches fail `eval` itself with one line and exit 2. Clean artifacts
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from gate_helpers import TYPES, artifact, clean_report, eval_json, workdir
-from qwen_quant.testing.faults import CONFIG_VARIANTS, EXPECT, plant
+from qwen_quant.faults.plant import CONFIG_VARIANTS, EXPECT, plant
 
 # every fault class once, every type at least once; metadata faults on the runtime that reads them most
 # differently (llama.cpp's own tokenizer, genai_config), numeric damage on each backend. Unusable inputs

@@ -12,7 +12,7 @@ import torch
 from qwen_quant.calib import CalibConfig
 from qwen_quant.errors import QuantError
 from qwen_quant.formats import gptq as gptq_format
-from qwen_quant.quantize import QuantConfig, quantize_model
+from qwen_quant.quantize import GPTQConfig, config_for, quantize_model
 from qwen_quant.quantize.gptq import Hessian, gptq_quantize
 from qwen_quant.quantize.grid import Grid
 from qwen_quant.validate import EvalConfig
@@ -76,12 +76,17 @@ def test_gptq_beats_rtn_on_a_single_layer():
 def _cfg(model, out, **kw):
     kw.setdefault("calib", SMALL)
     kw.setdefault("validate", False)
-    return QuantConfig(model=str(model), output=str(out), device="cpu", **kw)
+    return config_for(kw.pop("method", "gptq"), model=str(model), output=str(out), device="cpu", **kw)
+
+
+def _keep(store: dict):
+    """An ``on_layer`` callback keeping every linear's QuantResult under its full module path."""
+    return lambda path, results: store.update({f"{path}.{k}": v for k, v in results.items()})
 
 
 def test_checkpoint_layout_and_config(untied_model, tmp_path):
     results: dict = {}
-    out, _ = quantize_model(_cfg(untied_model, tmp_path / "q", options={"results": results}))
+    out, _ = quantize_model(_cfg(untied_model, tmp_path / "q"), on_layer=_keep(results))
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
     assert qc == {**qc, "quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
@@ -107,7 +112,7 @@ def test_compressed_tensors_output_loads_in_transformers(tied_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     results: dict = {}
-    out, _ = quantize_model(_cfg(tied_model, tmp_path / "ct", format="compressed-tensors", options={"results": results}))
+    out, _ = quantize_model(_cfg(tied_model, tmp_path / "ct", format="compressed-tensors"), on_layer=_keep(results))
     assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
     loaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     ours = AutoModelForCausalLM.from_pretrained(str(tied_model), dtype=torch.float32).eval()
@@ -176,12 +181,12 @@ def test_group_size_that_does_not_divide_needs_pad(tmp_path):
 
     hf = {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 200}
     with pytest.raises(QuantError, match="does not divide the intermediate size 200.*--pad"):
-        plan_padding(QuantConfig("m", "o"), hf, QWEN2)
-    assert plan_padding(QuantConfig("m", "o", pad=True), hf, QWEN2) == 1024 - 200
-    assert plan_padding(QuantConfig("m", "o", pad=True), {**hf, "intermediate_size": 29568, "hidden_size": 8192,
+        plan_padding(GPTQConfig("m", "o"), hf, QWEN2)
+    assert plan_padding(GPTQConfig("m", "o", pad=True), hf, QWEN2) == 1024 - 200
+    assert plan_padding(GPTQConfig("m", "o", pad=True), {**hf, "intermediate_size": 29568, "hidden_size": 8192,
                                                            "num_attention_heads": 64}, QWEN2) == 29696 - 29568
     with pytest.raises(QuantError, match="group size 128 does not divide the in-features 96 of self_attn.q_proj"):
-        plan_padding(QuantConfig("m", "o"), {**hf, "hidden_size": 96, "num_attention_heads": 3}, QWEN2)
+        plan_padding(GPTQConfig("m", "o"), {**hf, "hidden_size": 96, "num_attention_heads": 3}, QWEN2)
     del Qwen2Config, Qwen2ForCausalLM, default_tokenizer_dir
 
 
@@ -206,8 +211,8 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(untied_model, tmp_pa
 def test_one_pass_capture_is_valid_and_differs(untied_model, tmp_path):
     """--no-true-sequential: every Hessian from the float layer in one pass (AutoGPTQ's true_sequential=False)."""
     seq, one = {}, {}
-    quantize_model(_cfg(untied_model, tmp_path / "seq", options={"results": seq}))
-    out, _ = quantize_model(_cfg(untied_model, tmp_path / "one", true_sequential=False, options={"results": one}))
+    quantize_model(_cfg(untied_model, tmp_path / "seq"), on_layer=_keep(seq))
+    out, _ = quantize_model(_cfg(untied_model, tmp_path / "one", true_sequential=False), on_layer=_keep(one))
     assert json.loads((out / "config.json").read_text())["quantization_config"]["true_sequential"] is False
     q = "model.layers.0.self_attn.q_proj"
     assert torch.equal(seq[q].codes, one[q].codes)  # the first group sees the same inputs either way

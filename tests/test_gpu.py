@@ -10,10 +10,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_gptq_on_cuda_validates(untied_model, tmp_path):
     from qwen_quant.calib import CalibConfig
-    from qwen_quant.quantize import QuantConfig, quantize_model
+    from qwen_quant.quantize import GPTQConfig, quantize_model
     from qwen_quant.validate import EvalConfig
 
-    out, report = quantize_model(QuantConfig(
+    out, report = quantize_model(GPTQConfig(
         model=str(untied_model), output=str(tmp_path / "q"), device="cuda", calib=CalibConfig(nsamples=64, seqlen=256),
         eval=EvalConfig(ctx=256, max_tokens=4096, greedy_tokens=16)))
     r = report.results[0]
@@ -37,12 +37,11 @@ def test_torch_backend_cuda_matches_cpu(untied_model):
 
 def test_awq_on_cuda_validates(untied_model, tmp_path):
     from qwen_quant.calib import CalibConfig
-    from qwen_quant.quantize import QuantConfig
-    from qwen_quant.quantize.awq import quantize_awq
+    from qwen_quant.quantize import AWQConfig, quantize_model
     from qwen_quant.validate import EvalConfig
 
-    out, report = quantize_awq(QuantConfig(
-        model=str(untied_model), output=str(tmp_path / "a"), method="awq", format="awq", sym=False, device="cuda",
+    out, report = quantize_model(AWQConfig(
+        model=str(untied_model), output=str(tmp_path / "a"), format="awq", sym=False, device="cuda",
         calib=CalibConfig(nsamples=64, seqlen=256), eval=EvalConfig(ctx=256, max_tokens=4096, greedy_tokens=16)))
     r = report.results[0]
     assert report.extra["quantize"]["peak_gpu_bytes"] > 0

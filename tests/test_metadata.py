@@ -31,7 +31,7 @@ def test_clean_artifact_metadata_matches_the_source(kind):
 
 def test_pretokenizer_fault_counts_paragraphs():
     """A GGUF with another pre-tokenizer: llama.cpp splits many eval paragraphs differently."""
-    from qwen_quant.testing.faults import plant
+    from qwen_quant.faults.plant import plant
 
     src = artifact("gguf")
     f = plant(src, "pretokenizer", workdir() / "md-pre" / src.name, seed=3)

@@ -31,7 +31,7 @@ def _eval_ids(n=2, t=48):
     from transformers import AutoTokenizer
 
     from qwen_quant.calib import eval_tokens
-    from qwen_quant.testing.fixtures import tokenizer_dir
+    from qwen_quant.fixtures import tokenizer_dir
 
     toks = np.asarray(eval_tokens(AutoTokenizer.from_pretrained(str(tokenizer_dir())), "shipped", max_tokens=n * t + 1))
     return toks[: n * t].astype(np.int64).reshape(n, t)
@@ -167,13 +167,14 @@ def test_72b_shape_external_data_fp16(model_72b, tmp_path):
 def test_backend_rejects_non_onnx(tmp_path):
     import onnxruntime as ort
 
-    from qwen_quant.backends.onnxrt import OrtBackend, pick_providers
+    from qwen_quant.backends.onnxrt import OrtBackend
+    from qwen_quant.devices import ort_providers
 
     with pytest.raises(QuantError, match="export one"):
         OrtBackend(tmp_path, device="cpu")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(QuantError, match="onnxruntime-gpu"):
-            pick_providers("cuda")
+            ort_providers("cuda")
 
 def test_cli_export(untied_model, tmp_path, run_cli):
     out = tmp_path / "cli-onnx"

@@ -1,4 +1,4 @@
-"""The outlier transform (qwen_quant/testing/outliers.py): the fp32 function is unchanged, the
+"""The outlier transform (qwen_quant/faults/outliers.py): the fp32 function is unchanged, the
 activations get real-model outliers, and the fp16-overflow plant overflows fp16 on chat prompts only."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from qwen_quant.testing.outliers import FP16_MAX, OutlierSpec, add_outliers, channel_outlier_ratio, probe_prompts
+from qwen_quant.faults.outliers import FP16_MAX, OutlierSpec, add_outliers, channel_outlier_ratio, probe_prompts
 
 
 def _fixture(name: str):
     from qwen_quant.progress import set_quiet
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
 
     set_quiet(True)
     return fixture_path(name)
@@ -29,7 +29,7 @@ def _ids(n=2, length=64):
     from transformers import AutoTokenizer
 
     from qwen_quant.calib import eval_tokens
-    from qwen_quant.testing.fixtures import tokenizer_dir
+    from qwen_quant.fixtures import tokenizer_dir
 
     ev = eval_tokens(AutoTokenizer.from_pretrained(str(tokenizer_dir())), max_tokens=n * length)
     return torch.tensor(ev[: n * length].reshape(n, length))
@@ -56,7 +56,7 @@ def test_transformed_fixture_has_outlier_channels(pair):
     base, hard = pair
     ids = _ids()
     before, after = channel_outlier_ratio(base, ids), channel_outlier_ratio(hard, ids)
-    normed = [k for k in before if not k.endswith("down_proj")]  # the norm outputs: no outliers before (issue 16)
+    normed = [k for k in before if not k.endswith("down_proj")]  # the norm outputs: no outliers before
     assert max(before[k] for k in normed) < 5, before
     assert min(after.values()) >= 10, after  # every quantized input now has channels tens of times the median
     assert all(after[k] >= 5 * before[k] for k in normed), (before, after)
@@ -78,7 +78,7 @@ def test_transform_is_seeded_and_exact_on_other_fixtures(untied_model):
     assert all(10 <= f <= 30 for r in runs[0]["channels"] for f in r["factors"])
 
 
-# -- the planted fp16 overflow (issue 15 builds its detection on this fixture) -------------------
+# -- the planted fp16 overflow (the fp16 overflow check builds on this fixture) -------------------
 @pytest.fixture(scope="module")
 def overflow():
     path = _fixture("qwen2-tiny-untied-fp16overflow")

@@ -15,7 +15,7 @@ CFG = EvalConfig(ctx=32, max_tokens=64, greedy_tokens=2, max_prompts=1)  # the c
 @pytest.fixture(scope="module")
 def planted():
     from qwen_quant.progress import set_quiet
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
 
     set_quiet(True)
     return fixture_path("qwen2-tiny-untied-fp16overflow")

@@ -1,5 +1,5 @@
 """Quality orderings on the hard fixture (qwen2-tiny-untied-outliers: salient activation-outlier
-channels planted by `qwen_quant.testing.outliers`, fp32 function unchanged).
+channels planted by `qwen_quant.faults.outliers`, fp32 function unchanged).
 
 On the easy fixtures every int4 method lands within noise of the others, so a broken method passed.
 Here each ordering has a margin well above the run-to-run noise measured over calibration seeds
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from qwen_quant.calib import CalibConfig
-from qwen_quant.quantize import QuantConfig, awq, quantize_model
+from qwen_quant.quantize import awq, config_for, quantize_model
 from qwen_quant.validate import EvalConfig, evaluate
 
 HARD = "qwen2-tiny-untied-outliers"
@@ -24,7 +24,7 @@ CALIB = CalibConfig("shipped", 16, 256, 0)
 EVAL = EvalConfig(ctx=128, max_tokens=1024, greedy_tokens=0)
 GGUF_HARD = "qwen2-tiny-tied-outliers"
 GGUF_EVAL = EvalConfig(ctx=128, max_tokens=1024, greedy_tokens=0)
-RTN_LOSS = 0.05  # RTN int4 g128 must lose at least 5% perplexity (issue 16)
+RTN_LOSS = 0.05  # RTN int4 g128 must lose at least 5% perplexity
 RECOVERY = 0.5  # GPTQ and AWQ must each win back at least half of it
 IMATRIX_GAIN = 0.25  # q4_k_m with imatrix: mean KL at least 25% below plain (measured 54-55%; a flat imatrix: 7.5%)
 INT8_LOSS = 0.01  # int8 stays within 1% perplexity
@@ -54,7 +54,7 @@ class CachedReference:
 
 def _fixture(name):
     from qwen_quant.progress import set_quiet
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
 
     set_quiet(True)
     return fixture_path(name)
@@ -90,10 +90,10 @@ def measure(hard):
 
 
 def _quantize(src, out, method="gptq", bits=4, **options):
-    cfg = QuantConfig(model=str(src), output=str(out), method=method, bits=bits, group_size=128, sym=False,
+    cfg = config_for(method, model=str(src), output=str(out), bits=bits, group_size=128, sym=False,
                       format="awq" if method == "awq" else "gptq", calib=CALIB, device="cpu", force=True,
-                      validate=False, options=options)
-    return (awq.quantize_awq if method == "awq" else quantize_model)(cfg)[0]
+                      validate=False, **options)
+    return quantize_model(cfg)[0]
 
 
 def recovery(m: dict, rtn: dict, key: str = "perplexity") -> float:

@@ -10,7 +10,7 @@ from qwen_quant.calib import CalibConfig
 from qwen_quant.errors import QuantError
 from qwen_quant.export.gguf_export import GGUFExportConfig
 from qwen_quant.export.onnx import OnnxExportConfig
-from qwen_quant.quantize import QuantConfig
+from qwen_quant.quantize import GPTQConfig, QuantConfig
 from qwen_quant.recipe import load_recipe, parse_recipe
 from qwen_quant.recipe import state as st
 from qwen_quant.validate import EvalConfig
@@ -52,7 +52,7 @@ def test_options_fill_the_cli_dataclasses():
 thresholds: {max_ppl_increase: 2%, max_kl: 0.05}
 """)
     g, a, gg, o = r.artifacts
-    assert g.config == QuantConfig(model="", output="", bits=4, calib=CalibConfig(nsamples=16, seqlen=128))
+    assert g.config == GPTQConfig(model="", output="", bits=4, calib=CalibConfig(nsamples=16, seqlen=128))
     assert (a.config.method, a.config.format, a.config.sym, a.config.group_size) == ("awq", "awq", False, 64)
     assert (a.config.calib.nsamples, a.config.calib.seqlen) == (8, 128)
     assert gg.config.types == ["q4_k_m", "q8_0"] and gg.config.imatrix and gg.config.nsamples == 16

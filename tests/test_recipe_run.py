@@ -61,7 +61,7 @@ def qwen_v1_from(qwen2_dir: Path, out: Path) -> Path:
 
 
 def _stand_in(name: str, tmp_path: Path) -> str:
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
 
     fx = STAND_INS[name]
     if fx == "v1":

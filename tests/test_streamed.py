@@ -27,10 +27,10 @@ def tokens(untied_model):
 @pytest.fixture(scope="module")
 def gptq_artifact(untied_model, tmp_path_factory):
     from qwen_quant.calib import CalibConfig
-    from qwen_quant.quantize import QuantConfig, quantize_model
+    from qwen_quant.quantize import RTNConfig, quantize_model
 
     out = tmp_path_factory.mktemp("gptq") / "q"
-    cfg = QuantConfig(model=str(untied_model), output=str(out), method="rtn", device="cpu", validate=False,
+    cfg = RTNConfig(model=str(untied_model), output=str(out), device="cpu", validate=False,
                       calib=CalibConfig(nsamples=4, seqlen=64))
     return quantize_model(cfg)[0]
 

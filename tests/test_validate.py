@@ -94,7 +94,7 @@ def test_json_report_validates_against_schema(untied_model, tmp_path, run_cli):
         validate_report(bad)
 
 
-# -- device metrics (issue 11) --------------------------------------------------------------------
+# -- device metrics --------------------------------------------------------------------------------
 
 class NumpyReference:
     """The earlier numpy metric path, kept as the reference implementation the device path must equal."""
@@ -232,9 +232,10 @@ def test_multi_gpu_placement_dry_run(untied_model):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qwen_quant.backends.torch_backend import parse_devices, plan_device_map
+    from qwen_quant.backends.torch_backend import plan_device_map
+    from qwen_quant.devices import parse
 
-    assert parse_devices("cuda:0,1") == parse_devices("cuda:0,cuda:1") == ["cuda:0", "cuda:1"]
+    assert parse("cuda:0,1") == parse("cuda:0,cuda:1") == parse("0,1") == ("cuda", [0, 1])
     cfg = AutoConfig.from_pretrained(str(untied_model))
     cfg.num_hidden_layers, cfg.vocab_size = 8, 1024  # layers dominate the size, as in a 72B model
     if getattr(cfg, "layer_types", None):

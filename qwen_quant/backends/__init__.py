@@ -54,7 +54,7 @@ def open_backend(artifact, backend: str | None = None, device: str = "auto", dty
 
         return LlamaCppBackend(p, device=device)
     if backend == "vllm":
-        from qwen_quant.backends.vllm import VllmBackend
+        from qwen_quant.backends.vllm_engine import VllmBackend
 
         return VllmBackend(p, device=device, dtype=dtype)
     if backend == "onnxruntime":

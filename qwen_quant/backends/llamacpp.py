@@ -163,14 +163,52 @@ def tokenize_vocab_only(path: str | Path, texts: Sequence[str], special: bool = 
 
     ``special=False`` is llama.cpp's test-tokenizer-0 mode (``<|im_start|>`` is plain text);
     ``special=True`` matches control tokens written in the text, as HF tokenizers always do.
+
+    The vocab load runs in a child process: a GGUF whose tokenizer metadata contradicts its token
+    list makes llama.cpp throw a C++ exception inside the load (SIGABRT, a native backtrace), which
+    would take this process down. The child's death becomes one line naming the file, exit 2.
     """
-    llama_cpp = _llama_cpp()
-    with CapturedLog(llama_cpp):
-        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    import json
+    import subprocess
+    import sys
+
+    _llama_cpp()  # the one-line "install llama-cpp-python" error, here rather than in the child
+    job = json.dumps({"path": str(path), "texts": list(texts), "special": bool(special)})
     try:
-        return [llm.tokenize(t.encode("utf-8"), add_bos=False, special=special) for t in texts]
+        done = subprocess.run([sys.executable, "-m", "qwen_quant.backends.llamacpp"], input=job, capture_output=True,
+                              text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise QuantError(f"{path}: llama.cpp's tokenizer did not load in 10 minutes; the GGUF's vocabulary is damaged, "
+                         "re-export it") from None
+    if done.returncode != 0 or not done.stdout.strip():
+        why = "killed by signal " + str(-done.returncode) if done.returncode < 0 else f"exit {done.returncode}"
+        lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
+        said = next((ln for ln in reversed(lines) if "what()" in ln or "error" in ln.lower()), lines[-1] if lines else "")
+        raise QuantError(f"{path}: llama.cpp cannot load its tokenizer ({why}{': ' + said[:160] if said else ''}); the "
+                         "GGUF's tokenizer metadata contradicts its token list, re-export it")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _vocab_child() -> int:
+    """The child of `tokenize_vocab_only`: one JSON job on stdin, one JSON list of id lists on stdout."""
+    import json
+    import sys
+
+    job = json.loads(sys.stdin.read())
+    llama_cpp = _llama_cpp()
+    with CapturedLog(llama_cpp) as log:
+        try:
+            llm = llama_cpp.Llama(model_path=job["path"], vocab_only=True, verbose=False)
+        except ValueError:
+            why = (log.grep("error") or log.grep("failed") or ["no reason logged"])[-1]
+            print(f"error: {why}", file=sys.stderr)
+            return 3
+    try:
+        ids = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=job["special"]) for t in job["texts"]]
     finally:
         llm.close()
+    print(json.dumps(ids))
+    return 0
 
 
 def check_tokenizer(path: str | Path, hf_tokenizer, texts: Sequence[str]) -> int:
@@ -182,3 +220,9 @@ def check_tokenizer(path: str | Path, hf_tokenizer, texts: Sequence[str]) -> int
             raise QuantError(f"{path}: llama.cpp tokenizes {text[:40]!r} as {list(got)[:12]} but the HF tokenizer gives "
                              f"{list(want)[:12]}; the GGUF vocab does not match the model's tokenizer, re-export it")
     return len(texts)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_vocab_child())

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from qwen_quant.backends.base import Backend
+from qwen_quant.devices import ort_providers
 from qwen_quant.errors import QuantError
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
@@ -31,23 +32,6 @@ def model_file(path: str | Path) -> Path:
         raise QuantError(f"{path} is not an ONNX model (expected a .onnx file or a folder with model.onnx); "
                          "export one with qwen-quant export onnx")
     return p
-
-
-def pick_providers(device: str) -> tuple[str, list[str]]:
-    import onnxruntime as ort
-
-    have = ort.get_available_providers()
-    if device in ("auto", None):
-        device = "cuda" if "CUDAExecutionProvider" in have else "cpu"
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in have:
-            raise QuantError(f"--device {device} needs onnxruntime-gpu (this onnxruntime has {', '.join(have)}); "
-                             "pip install onnxruntime-gpu or use --device cpu")
-        idx = int(device.split(":")[1]) if ":" in device else 0
-        return device, [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
-    if device != "cpu":
-        raise QuantError(f"unknown device {device!r} for onnxruntime; use cpu, cuda or cuda:N")
-    return "cpu", ["CPUExecutionProvider"]
 
 
 def position_ids(mask: np.ndarray) -> np.ndarray:
@@ -65,7 +49,7 @@ class OrtBackend(Backend):
 
         self.path = model_file(path)
         check_onnx(self.path)  # truncated model or external data, genai_config contradicting the graph: exit 2
-        self.device, providers = pick_providers(device)
+        self.device, providers = ort_providers(device)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

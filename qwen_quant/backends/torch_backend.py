@@ -18,15 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from qwen_quant.backends.base import Backend
-
-
-def parse_devices(device: str) -> list[str]:
-    """"cuda:0,1" / "cuda:0,cuda:1" -> ["cuda:0", "cuda:1"]; a single device -> [device]."""
-    parts = [p.strip() for p in str(device).split(",") if p.strip()]
-    out = []
-    for p in parts:
-        out.append(f"cuda:{p}" if p.isdigit() else p)
-    return out
+from qwen_quant.devices import torch_devices
 
 
 def _layer_class(model) -> list[str]:
@@ -58,11 +50,9 @@ class TorchBackend(Backend):
     def __init__(self, model_or_path, device: str = "auto", dtype: str | None = None):
         import torch
 
-        from qwen_quant.models.loader import load_model, pick_device
+        from qwen_quant.models.loader import load_model
 
-        devices = parse_devices(device if device != "auto" else pick_device("auto"))
-        for d in devices:
-            pick_device(d)  # clear error when CUDA is asked for and absent
+        devices = torch_devices(device)  # a clear error when CUDA is asked for and absent
         self.device = ",".join(devices)
         if isinstance(model_or_path, torch.nn.Module):
             self.model = model_or_path.eval()

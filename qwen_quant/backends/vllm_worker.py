@@ -1,4 +1,4 @@
-"""The process `qwen_quant.backends.vllm` talks to: vLLM, loaded in its own venv (.venv-vllm).
+"""The process `qwen_quant.backends.vllm_engine` talks to: vLLM, loaded in its own venv (.venv-vllm).
 
 Run as a script by the backend (``.venv-vllm/bin/python vllm_worker.py``), never imported by qwen_quant:
 it imports only the standard library, numpy and vLLM, so vLLM's own torch/transformers/compressed-tensors
@@ -7,7 +7,8 @@ the process's original stdout; everything vLLM prints is sent to stderr (the bac
 file and quotes its tail when something fails).
 
 Requests (``op``):
-- ``init``: model, dtype, max_model_len, topk, tensor_parallel_size -> vocab_size, versions, device.
+- ``init``: model, dtype, max_model_len, topk, tensor_parallel_size -> vocab_size, versions, device, and
+  ``engine``: context length, rope theta/scaling, rms eps, bos/eos/pad ids, max_model_len as vLLM parsed them.
 - ``score``: rows of token ids -> for each row, every position's top-k (token id, log-prob) plus the
   log-prob of the token that actually follows (vLLM's ``prompt_logprobs``; the last position comes
   from the log-probs of one greedy sampled token).
@@ -104,7 +105,43 @@ class Worker:
         mc = self.llm.llm_engine.model_config
         return {"vocab_size": int(mc.get_vocab_size()), "device": str(current_platform.device_type),
                 "quantization": mc.quantization, "dtype": str(mc.dtype).replace("torch.", ""),
-                "versions": {"vllm": vllm.__version__, "torch": torch.__version__}}
+                "versions": {"vllm": vllm.__version__, "torch": torch.__version__}, "engine": self._safe_engine_view()}
+
+    def _safe_engine_view(self) -> dict:
+        try:
+            return self.engine_view()
+        except Exception as e:  # noqa: BLE001 - metadata parity then reads the files, and says so
+            return {"error": f"{type(e).__name__}: {e}"}
+
+    def engine_view(self) -> dict:
+        """What vLLM itself parsed from the checkpoint (metadata parity reads this, not the files)."""
+        mc = self.llm.llm_engine.model_config
+        cfg = getattr(mc, "hf_text_config", None) or mc.hf_config
+        rp = getattr(cfg, "rope_parameters", None) or {}
+        rs = getattr(cfg, "rope_scaling", None)
+        view = {"max_model_len": int(mc.max_model_len),
+                "context_length": getattr(cfg, "max_position_embeddings", None),
+                "rope_theta": getattr(cfg, "rope_theta", None) or (rp.get("rope_theta") if isinstance(rp, dict) else None),
+                "rope_scaling": dict(rs) if isinstance(rs, dict) else (
+                    {k: v for k, v in rp.items() if k != "rope_theta"} if isinstance(rp, dict) and rp else None),
+                "rms_eps": getattr(cfg, "rms_norm_eps", None), "vocab_size": int(mc.get_vocab_size())}
+        try:
+            tok = self.llm.get_tokenizer()
+            view.update(bos=tok.bos_token_id, pad=tok.pad_token_id, eos=tok.eos_token_id)
+        except Exception:  # noqa: BLE001 - a tokenizer vLLM cannot build is reported by the tokenizer checks
+            pass
+        try:  # the ids vLLM stops on: the tokenizer's eos plus generation_config's
+            gen = mc.try_get_generation_config() or {}
+            eos = gen.get("eos_token_id")
+            if eos is not None:
+                extra = eos if isinstance(eos, list) else [eos]
+                have = view.get("eos")
+                view["eos"] = sorted({int(x) for x in extra} | ({int(have)} if have is not None else set()))
+            view["sampling"] = {k: v for k, v in (mc.get_diff_sampling_param() or {}).items()
+                                if isinstance(v, (int, float, bool, str))}
+        except Exception:  # noqa: BLE001 - older vLLM: the file values stand
+            pass
+        return view
 
     def score(self, rows: list[list[int]]) -> list[tuple[bytes, bytes, tuple]]:
         from vllm import SamplingParams
@@ -161,9 +198,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # run by path: this folder is sys.path[0], and its vllm.py (our backend) would shadow the vllm package
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: one less copy
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; validation needs a few windows, not serving
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # shared machine: do not pin cores

@@ -8,11 +8,8 @@ generated with another seed and deduplicated against the calibration set. Other 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-
-from qwen_quant.errors import QuantError
 
 from .sampling import (calibration_samples, dataset_fingerprint, eval_tokens, greedy_prompts,
                        render_chatml, render_plain, training_texts)
@@ -41,12 +38,8 @@ class CalibConfig:
 def default_tokenizer_dir() -> Path:
     """The real Qwen2 tokenizer used by tests and the data generator.
 
-    ``QWEN_QUANT_TOKENIZER`` wins; otherwise ``<repo>/../shared/fixtures/qwen2-tokenizer``.
+    ``QWEN_QUANT_TOKENIZER`` wins; otherwise ``../shared/fixtures/qwen2-tokenizer`` (`qwen_quant.resources`).
     """
-    repo = Path(__file__).resolve().parents[2]
-    path = Path(os.environ.get("QWEN_QUANT_TOKENIZER",
-                               repo.parent / "shared" / "fixtures" / "qwen2-tokenizer"))
-    if not (path / "tokenizer.json").is_file():
-        raise QuantError(f"Qwen2 tokenizer not found at {path}; set QWEN_QUANT_TOKENIZER to a "
-                         "folder with tokenizer.json")
-    return path
+    from qwen_quant.resources import tokenizer_dir
+
+    return tokenizer_dir()

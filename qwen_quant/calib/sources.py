@@ -21,7 +21,6 @@ from qwen_quant.errors import QuantError
 
 Document = Union[str, list]  # plain text, or a list of {"role", "content"} messages
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # alias -> (dataset name, config, split, extra load_dataset kwargs)
 HF_ALIASES = {
@@ -34,7 +33,9 @@ TEXT_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 
 def shipped_dir() -> Path:
     """Folder with calib.jsonl / eval.txt / prompts.jsonl (env ``QWEN_QUANT_CALIB_DIR`` overrides)."""
-    path = Path(os.environ.get("QWEN_QUANT_CALIB_DIR", REPO_ROOT / "calib_data"))
+    from qwen_quant.resources import calib_dir
+
+    path = calib_dir()
     if not (path / "calib.jsonl").is_file():
         raise QuantError(f"shipped calibration data not found in {path}; run "
                          "`python calib_data/generate.py` or set QWEN_QUANT_CALIB_DIR")

@@ -8,6 +8,13 @@ written value for value as llama.cpp's ``convert_hf_to_gguf.py`` writes it for t
 ``bench/compare_llamacpp_convert.py`` diffs the two. We re-implement rather than import that script
 because it is not a package, pulls the whole llama.cpp tree, and is not on PyPI.
 
+Mixture-of-Experts families: the checkpoint keeps one tensor per expert and projection; llama.cpp keeps
+one 3-D tensor per projection and layer (``blk.N.ffn_{gate,up,down}_exps``, experts along the slowest
+axis), so the writer stacks them in expert order once a layer's last expert tensor has been read, and
+yields down, gate, up in the converter's order (``Qwen2MoeModel.modify_tensors``; transformers' fused
+``gate_up_proj`` layout is split the same way). Router and shared-expert gate stay F32 at every
+outtype, as the converter keeps ``FFN_GATE_INP``/``FFN_GATE_INP_SHEXP``.
+
 Tied embeddings (Qwen2-0.5B/1.5B) need nothing special: the checkpoint has no ``lm_head.weight``, so no
 ``output.weight`` is written and llama.cpp falls back to ``token_embd.weight`` for the output projection.
 """
@@ -16,12 +23,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from hashlib import sha256
 from pathlib import Path
 from typing import Iterator
 
 import gguf
-import numpy as np
 import torch
 
 from qwen_quant.errors import QuantError
@@ -73,16 +80,78 @@ def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+#: Block tensors convert_hf_to_gguf.py keeps in F32 at every outtype (the MoE router and shared-expert gate).
+_F32_BLOCK_TENSORS = tuple(gguf.TENSOR_NAMES[t].split(".", 2)[2] + ".weight"
+                           for t in (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP))
+
+
 def tensor_type(new_name: str, n_dims: int, outtype: str) -> gguf.GGMLQuantizationType:
-    """convert_hf_to_gguf.py's rule: 1-D tensors, norms and non-``.weight`` tensors stay F32."""
-    if n_dims <= 1 or new_name.endswith("_norm.weight") or not new_name.endswith(".weight"):
+    """convert_hf_to_gguf.py's rule: 1-D tensors, norms, routers and non-``.weight`` tensors stay F32."""
+    if (n_dims <= 1 or new_name.endswith("_norm.weight") or not new_name.endswith(".weight")
+            or (new_name.startswith("blk.") and new_name.split(".", 2)[-1] in _F32_BLOCK_TENSORS)):
         return gguf.GGMLQuantizationType.F32
     return OUTTYPES[outtype][0]
 
 
-def add_tensors(writer: gguf.GGUFWriter, model_dir: Path, n_layers: int, outtype: str, family) -> None:
-    name_map = gguf.get_tensor_name_map(gguf_arch(family), n_layers)
+def stacked_tensors(model_dir: Path, family, hparams: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """`iter_checkpoint` with each MoE layer's per-expert tensors stacked into one [experts, out, in]
+    tensor per projection (see the module docstring); other families' tensors pass through."""
+    moe = family.moe
+    if moe is None:
+        yield from iter_checkpoint(model_dir)
+        return
+    n_experts = moe.num_experts(hparams)
+    prefix = rf"({re.escape(family.layers_path)}\.(\d+)\.{re.escape(moe.experts)})"
+    per_expert = re.compile(prefix + r"\.(\d+)\.(\w+)\.weight")
+    fused = re.compile(prefix + r"\.(gate_up_proj|down_proj)(\.weight)?")
+    pending: dict[int, dict[str, torch.Tensor]] = {}
     for name, t in iter_checkpoint(model_dir):
+        if t.dtype not in (torch.float16, torch.float32):
+            t = t.to(torch.float32)
+        if m := fused.fullmatch(name):
+            if m[3] == "down_proj":
+                yield f"{m[1]}.down_proj.weight", t
+            else:
+                n_ff = t.shape[-2] // 2
+                yield f"{m[1]}.gate_proj.weight", t[..., :n_ff, :].contiguous()
+                yield f"{m[1]}.up_proj.weight", t[..., n_ff:, :].contiguous()
+            continue
+        m = per_expert.fullmatch(name)
+        if m is None:
+            yield name, t
+            continue
+        layer = pending.setdefault(int(m[2]), {})
+        layer[name] = t
+        if len(layer) >= n_experts * 3:
+            for proj in ("down_proj", "gate_proj", "up_proj"):
+                try:
+                    parts = [layer.pop(f"{m[1]}.{e}.{proj}.weight") for e in range(n_experts)]
+                except KeyError as err:
+                    raise QuantError(f"{model_dir}: expert tensor {err.args[0]} is missing; "
+                                     f"the checkpoint does not hold {n_experts} experts per layer as config.json says") from None
+                yield f"{m[1]}.{proj}.weight", torch.stack(parts, dim=0)
+    left = sorted(k for layer in pending.values() for k in layer)
+    if left:
+        raise QuantError(f"{model_dir}: {len(left)} expert tensors (first {left[0]}) do not make up whole layers of "
+                         f"{n_experts} experts; check {moe.num_experts_key} in config.json")
+
+
+def check_layers(model_dir: Path, hparams: dict, family) -> None:
+    """Refuse MoE layers without experts where llama.cpp's architecture has no room for them."""
+    if family.moe is None or family.gguf.dense_layers:
+        return
+    dense = [i for i in range(hparams["num_hidden_layers"]) if not family.moe.sparse(hparams, i)]
+    if dense:
+        arch = gguf.MODEL_ARCH_NAMES[gguf_arch(family)]
+        raise QuantError(f"{model_dir}: decoder layers {dense} have no experts (mlp_only_layers / decoder_sparse_step), "
+                         f"and llama.cpp's {arch} architecture has experts in every layer; run this checkpoint with "
+                         "transformers or vLLM (HF, GPTQ or AWQ) instead of GGUF")
+
+
+def add_tensors(writer: gguf.GGUFWriter, model_dir: Path, n_layers: int, outtype: str, family,
+                hparams: dict | None = None) -> None:
+    name_map = gguf.get_tensor_name_map(gguf_arch(family), n_layers)
+    for name, t in stacked_tensors(model_dir, family, hparams or {}):
         if name.endswith(_SKIP_SUFFIXES):
             continue
         new_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -136,12 +205,17 @@ def add_metadata(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict, outtyp
         writer.add_rope_freq_base(theta)
     if (eps := hparams.get("rms_norm_eps")) is not None:
         writer.add_layer_norm_rms_eps(eps)
+    if family is not None and family.moe is not None:
+        if n := family.moe.num_experts(hparams):
+            writer.add_expert_count(n)
+        if (n := hparams.get(family.moe.top_k_key)) is not None:
+            writer.add_expert_used_count(n)
     if (head_dim := hparams.get("head_dim")) is not None:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    if family is not None and family.gguf.params is not None:
-        family.gguf.params(writer, hparams)  # e.g. expert counts of a MoE family
     writer.add_file_type(OUTTYPES[outtype][1])
+    if family is not None and family.gguf.params is not None:
+        family.gguf.params(writer, hparams)  # e.g. the expert FFN widths of a MoE family
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -203,8 +277,9 @@ def write_float_gguf(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
         raise QuantError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     model_dir, out = Path(model_dir), Path(out)
     hparams, family = load_hparams(model_dir)
+    check_layers(model_dir, hparams, family)
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf_arch(family)])
-    add_tensors(writer, model_dir, hparams["num_hidden_layers"], outtype, family)
+    add_tensors(writer, model_dir, hparams["num_hidden_layers"], outtype, family, hparams)
     add_metadata(writer, model_dir, hparams, outtype, family)
     add_vocab(writer, model_dir, hparams["vocab_size"], family)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -216,14 +291,4 @@ def write_float_gguf(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return out
-
-
-def read_tensors(path: Path) -> dict[str, np.ndarray]:
-    """Float view of every tensor in a GGUF (numpy shape, i.e. reversed GGML order), for tests and diffs."""
-    reader = gguf.GGUFReader(path)
-    out = {}
-    for t in reader.tensors:
-        data = gguf.quants.dequantize(t.data, t.tensor_type)
-        out[t.name] = np.asarray(data, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
     return out

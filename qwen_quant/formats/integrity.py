@@ -80,6 +80,8 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[list[int], str]]:
 def _quant_args(cfg: dict) -> tuple[str | None, int, int]:
     qc = cfg.get("quantization_config") or {}
     method = qc.get("quant_method")
+    if method == "fp8":
+        return method, 8, int((qc.get("weight_block_size") or [128, 128])[1])
     if method == "compressed-tensors":
         w = next(iter((qc.get("config_groups") or {}).values()), {}).get("weights") or {}
         return method, int(w.get("num_bits") or 8), int(w.get("group_size") or -1)
@@ -126,6 +128,44 @@ def check_checkpoint(model_dir: str | Path, cfg: dict[str, Any], family) -> None
         for lin in (n for g in family.layer_groups(cfg, layer) for n in g):
             i, o = dims[template_of(lin)]
             _check_linear(f"{family.layers_path}.{layer}.{lin}", i, o, shapes, method, bits, gs, bad)
+    from qwen_quant.formats.fp8 import is_fp8
+
+    if is_fp8(cfg.get("quantization_config")):
+        _check_fp8(d, cfg, family, dims, bad)
+
+
+def _check_fp8(d: Path, cfg: dict, family, dims: dict, bad) -> None:
+    """FP8 linears: e4m3 weight, a float scale beside it, its shape the block grid (or one per channel)."""
+    from qwen_quant.formats.fp8 import scale_name, scheme_of
+    from qwen_quant.models.family import template_of
+
+    qc = cfg["quantization_config"]
+    sname, (block, _) = scale_name(qc), scheme_of(qc)
+    bs = qc.get("weight_block_size") or [block, block]
+    ignore = set(qc.get("modules_to_not_convert") or qc.get("ignore") or [])
+    dtypes = {k: (t["dtype"], t["shape"]) for f in sorted(d.glob("*.safetensors")) for k, t in safetensors_header(f).items()}
+    for layer in range(cfg.get("num_hidden_layers", 0)):
+        for lin in (n for g in family.layer_groups(cfg, layer) for n in g):
+            name = f"{family.layers_path}.{layer}.{lin}"
+            i, o = dims[template_of(lin)]
+            w, s = dtypes.get(f"{name}.weight"), dtypes.get(f"{name}.{sname}")
+            if w is None:
+                continue  # reported by the shape check
+            if w[0] != "F8_E4M3":
+                if s is not None or name not in ignore:
+                    raise bad(f"{name}.weight is {w[0]}, expected F8_E4M3 for an FP8 checkpoint "
+                              f"(the module is not in {'modules_to_not_convert' if sname == 'weight_scale_inv' else 'ignore'})",
+                              "re-create the checkpoint with qwen-quant fp8")
+                continue
+            if s is None:
+                raise bad(f"{name}.{sname} is missing beside its F8_E4M3 weight", "the checkpoint is incomplete, re-create it")
+            if s[0] not in ("F32", "BF16", "F16"):
+                raise bad(f"{name}.{sname} is {s[0]}, expected a float scale (F32 or BF16)", "re-create the checkpoint")
+            want = [o, 1] if block is None else [-(-o // int(bs[0])), -(-i // int(bs[1]))]
+            if list(s[1]) != want:
+                what = "one scale per output channel" if block is None else f"weight_block_size {list(bs)}"
+                raise bad(f"{name}.{sname} has shape {list(s[1])} but {what} needs {want} for a {o}x{i} weight",
+                          "set the block size the scales were written with, or re-quantize")
 
 
 def _check_linear(name, i, o, shapes, method, bits, gs, bad) -> None:

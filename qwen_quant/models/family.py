@@ -61,20 +61,29 @@ class MoE:
     shared_intermediate_key: str | None = None
     sparse: Callable[[dict, int], bool] = lambda config, layer: True
 
-    def count(self, config: dict) -> int:
-        """Routed experts per sparse layer: released config.json files say ``num_experts``, transformers 5
-        writes ``num_local_experts``."""
+    def num_experts(self, config: dict) -> int:
+        """Routed experts per sparse layer. Qwen's releases write ``num_experts``; transformers 5 saves
+        Qwen3-MoE's count as ``num_local_experts`` (its config's attribute map), so both are read."""
         return int(config.get(self.num_experts_key) or config.get("num_local_experts") or 0)
 
 
 @dataclass(frozen=True)
 class GGUFNames:
     """The llama.cpp side: ``arch`` is the gguf-py ``MODEL_ARCH`` member's name; ``pre`` maps the hash
-    of convert_hf_to_gguf.py's check text to the pre-tokenizer name it writes."""
+    of convert_hf_to_gguf.py's check text to the pre-tokenizer name it writes.
+
+    ``params(writer, config)`` makes the family's own ``add_*`` calls, after the keys every text model
+    gets (convert_hf_to_gguf.py's subclasses call them after ``TextModel.set_gguf_parameters``, i.e.
+    after ``general.file_type``; key order is part of the bytes). In a MoE family the writer stacks the
+    per-expert tensors of a layer into one 3-D tensor per projection (``ffn_{gate,up,down}_exps``), as
+    the converter's ``Qwen2MoeModel.modify_tensors`` does; ``dense_layers`` says whether llama.cpp's
+    architecture can hold layers without experts (llama.cpp's qwen2moe/qwen3moe cannot).
+    """
 
     arch: str
     pre: dict[str, str] = field(default_factory=dict)
     params: Callable[[Any, dict], None] | None = None  # family-specific add_* calls on a GGUFWriter
+    dense_layers: bool = True
 
 
 @dataclass(frozen=True)
@@ -107,10 +116,15 @@ class Family:
     hint: str = ""  # what to do when the family is recognised but not supported directly
 
     def layer_groups(self, config: dict, layer: int) -> tuple[tuple[str, ...], ...]:
-        """`linear_groups` of decoder layer ``layer``, every ``#`` expanded to the expert indices
-        (groups with no linear in this layer, such as the experts of a dense layer, drop out)."""
+        """`linear_groups` of decoder layer ``layer``; a group of expert templates (``#``) becomes one
+        group per expert, since each expert reads its own routed tokens (groups with no linear in this
+        layer, such as the experts of a dense layer, drop out)."""
         out = []
         for g in self.linear_groups:
+            if any("#" in n for n in g):
+                per = [self.expand(n, config, layer) for n in g]
+                out.extend(tuple(names) for names in zip(*per))
+                continue
             names = tuple(name for n in g for name in self.expand(n, config, layer))
             if names:
                 out.append(names)
@@ -130,7 +144,7 @@ class Family:
             return []
         if "#" not in name:
             return [name]
-        return [name.replace("#", str(e)) for e in range(moe.count(config))]
+        return [name.replace("#", str(e)) for e in range(moe.num_experts(config))]
 
 
 def rope_theta_of(config: dict[str, Any]) -> float:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qwen_quant.devices import torch_device
 from qwen_quant.errors import QuantError
 from qwen_quant.models.registry import QwenFamily, detect_family
 
@@ -73,16 +74,6 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(p))
 
 
-def pick_device(device: str = "auto") -> str:
-    import torch
-
-    if device in ("auto", None):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QuantError(f"--device {device} asked for, but torch sees no CUDA device here; use --device cpu")
-    return device
-
-
 def torch_dtype(name: str | None, device: str = "cpu"):
     import torch
 
@@ -96,7 +87,7 @@ def torch_dtype(name: str | None, device: str = "cpu"):
 def load_model(path: str | Path, device: str = "cpu", dtype: str | None = "float32"):
     """The model as a torch module in eval mode; quantized checkpoints come back dequantized."""
     p, cfg, _ = check_model(path)
-    device = pick_device(device)
+    device = torch_device(device)
     dt = torch_dtype(dtype, device)
     method = (cfg.get("quantization_config") or {}).get("quant_method")
     try:
@@ -111,7 +102,14 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | None = "float
 def _load(p: Path, method: str | None, dt):
     from transformers import AutoModelForCausalLM
 
-    if method in ("gptq", "awq"):
+    from qwen_quant.formats.fp8 import is_fp8
+
+    qc = (json.loads((p / "config.json").read_text()).get("quantization_config") or {}) if method else {}
+    if is_fp8(qc):  # FP8 weights with dynamic activation quantization, as the serving kernels compute
+        from qwen_quant.formats.fp8 import load_w8a8
+
+        model = load_w8a8(p, dtype=dt)
+    elif method in ("gptq", "awq"):
         from qwen_quant.formats import load_dequantized
 
         model = load_dequantized(p, method, dtype=dt)

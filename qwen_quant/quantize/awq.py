@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from qwen_quant.errors import QuantError
-from qwen_quant.quantize.config import QuantConfig
+from qwen_quant.quantize.config import AWQConfig
 from qwen_quant.quantize.gptq import Hessian
 from qwen_quant.quantize.grid import Grid, QuantResult, quantize_codes
 from qwen_quant.models.family import ScalePair
@@ -46,7 +46,6 @@ from qwen_quant.quantize.layerwise import Layerwise, get_module
 # files: `Family.scale_pairs`. v_proj -> o_proj only applies when the shapes match (MHA); with GQA
 # o_proj has more in-features than v_proj has outputs.
 NO_CLIP = ("q_proj", "k_proj")  # AutoAWQ's avoid_clipping: the q.k product makes clipping error hard to see
-DEFAULTS = {"clip": True, "duo_scaling": True, "n_grid": 20, "max_shrink": 0.5, "clip_tokens": 512}
 
 
 # -- the grid -----------------------------------------------------------------------------------
@@ -242,10 +241,11 @@ def _pairs(lw: Layerwise, layer: torch.nn.Module) -> list[ScalePair]:
 
 
 @torch.no_grad()
-def quantize_layer(lw: Layerwise, layer: torch.nn.Module, hidden: torch.Tensor, cfg: QuantConfig,
+def quantize_layer(lw: Layerwise, layer: torch.nn.Module, hidden: torch.Tensor, cfg: AWQConfig,
                    grid: Grid) -> dict[str, QuantResult]:
-    """AWQ for one decoder layer (the `run.quantize_model` hook): scales, clip, RTN, in place."""
-    opts = {**DEFAULTS, **cfg.options}
+    """AWQ for one decoder layer: scales, clip, RTN, in place."""
+    opts = {"clip": cfg.clip, "duo_scaling": cfg.duo_scaling, "n_grid": cfg.n_grid, "max_shrink": cfg.max_shrink,
+            "clip_tokens": cfg.clip_tokens}
     if not lw.family.scale_pairs:
         raise QuantError(f"AWQ has no scaling table for the {lw.family.name} family; use gptq for it")
     groups = lw.family.layer_groups(lw.config, lw.layer_index)
@@ -313,15 +313,13 @@ def quantize_layer(lw: Layerwise, layer: torch.nn.Module, hidden: torch.Tensor, 
     return results
 
 
-def quantize_awq(cfg: QuantConfig):
-    """`quantize_model` with AWQ's layer hook; the function `qwen-quant awq` calls."""
-    from qwen_quant.quantize.run import quantize_model
+class AWQQuantizer:
+    """What the layer-by-layer driver calls for an `AWQConfig`: the scale search needs the whole
+    layer in full precision first, so AWQ takes the layer rather than one group at a time."""
 
-    cfg.method = "awq"
-    if cfg.format == "awq" and cfg.bits != 4:
-        raise QuantError(f"the AWQ GEMM format stores 4-bit weights only (got --bits {cfg.bits}); "
-                         "use --bits 4 or --format compressed-tensors")
-    if cfg.format == "awq" and cfg.group_size == -1:
-        raise QuantError("the AWQ GEMM format needs a group size (32, 64 or 128); use --format compressed-tensors for per-channel")
-    cfg.options = {**DEFAULTS, **cfg.options, "quantize_layer": cfg.options.get("quantize_layer", quantize_layer)}
-    return quantize_model(cfg)
+    def __init__(self, cfg: AWQConfig, grid: Grid):
+        self.cfg, self.grid = cfg, grid
+
+    def quantize_layer(self, lw: Layerwise, layer: torch.nn.Module, hidden: torch.Tensor,
+                       layer_index: int) -> dict[str, QuantResult]:
+        return quantize_layer(lw, layer, hidden, self.cfg, self.grid)

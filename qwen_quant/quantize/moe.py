@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwen_quant.models.family import Family
+from qwen_quant.models.family import Family, template_of
 
 DEFAULT_MIN_TOKENS = 32
 
@@ -83,7 +83,7 @@ def install(skeleton: nn.Module, family: Family, hf_config) -> None:
         parent = get_module(layer, parent_path)
         fused = getattr(parent, attr)
         with torch.device("meta"):
-            new = ExpertLinears(moe.count(cfg), cfg["hidden_size"], cfg[moe.intermediate_key], fused.act_fn)
+            new = ExpertLinears(moe.num_experts(cfg), cfg["hidden_size"], cfg[moe.intermediate_key], fused.act_fn)
         setattr(parent, attr, new)
 
 
@@ -107,12 +107,106 @@ def is_expert(family: Family, name: str) -> bool:
     return family.moe is not None and name.startswith(family.moe.experts + ".")
 
 
+def passes(groups) -> list[tuple]:
+    """True-sequential passes: one per group, except that the groups of one template (every expert's
+    gate/up, every expert's down) form one pass, captured together and solved as a batch."""
+    out: list[list] = []
+    prev = None
+    for g in groups:
+        key = tuple(template_of(n) for n in g)
+        if "#" in "".join(key) and key == prev:
+            out[-1].append(g)
+        else:
+            out.append([g])
+        prev = key
+    return [tuple(p) for p in out]
+
+
+def split_experts(family: Family, groups) -> tuple[tuple, tuple]:
+    """(groups of ordinary linears, groups of routed experts) of one capture pass."""
+    plain = tuple(g for g in groups if not is_expert(family, g[0]))
+    return plain, tuple(g for g in groups if is_expert(family, g[0]))
+
+
+def _chunk(cols: int) -> int:
+    """Experts per batched solve: about 1 GiB of float32 Hessians at a time."""
+    return max(1, (1 << 28) // (cols * cols))
+
+
+@torch.no_grad()
+def quantize_experts(lw, layer: nn.Module, groups, hidden: torch.Tensor, quantizer) -> dict:
+    """Capture and solve the experts' groups of one pass (``groups``: one tuple per expert).
+
+    Each expert's Hessian comes from the inputs its hooks see: the tokens routed to it (sorted by
+    expert in `ExpertLinears.forward`, one matmul per expert and batch), or every token with
+    ``moe_calibrate="all"``. A quantizer with ``solve_batched`` (GPTQ) solves the experts in stacked
+    batches; an expert with fewer than ``moe_min_tokens`` tokens is rounded to nearest instead and
+    recorded in ``quantizer.moe_fallback``.
+    """
+    from qwen_quant.quantize.gptq import Hessian
+    from qwen_quant.quantize.grid import rtn_quantize
+    from qwen_quant.quantize.layerwise import get_module
+    from qwen_quant.quantize.run import _relative_error
+
+    firsts = [g[0] for g in groups]
+    stats = {n: Hessian(get_module(layer, n).in_features, lw.device) for n in firsts}
+    lw.capture(layer, firsts, lambda n, x: stats[n].add(x), hidden)
+    batched = getattr(quantizer, "solve_batched", None)
+    min_tokens = quantizer.cfg.moe_min_tokens if batched else 0
+    out: dict = {}
+
+    def keep(g, lins, parts):
+        for n, lin, r in zip(g, lins, parts):
+            lin.weight.data = r.dequant().to(lin.weight.dtype)
+            out[n] = r
+
+    solvable = []
+    for g in groups:
+        st = stats[g[0]]
+        lins = [get_module(layer, n) for n in g]
+        if st.n < min_tokens:  # too few routed tokens for a Hessian: round to nearest
+            H = st.S.mul_(2.0 / max(st.n, 1))
+            parts = [rtn_quantize(lin.weight.data, quantizer.grid) for lin in lins]
+            for lin, r in zip(lins, parts):
+                r.error = _relative_error(lin.weight.data, r, H) if st.n else 0.0
+            keep(g, lins, parts)
+            quantizer.__dict__.setdefault("moe_fallback", []).extend(f"{lw.family.layers_path}.{lw.layer_index}.{n}" for n in g)
+            del stats[g[0]]
+        else:
+            solvable.append(g)
+    step = _chunk(get_module(layer, firsts[0]).in_features) if batched else 1
+    for c in range(0, len(solvable), step):
+        chunk = solvable[c:c + step]
+        lins = [[get_module(layer, n) for n in g] for g in chunk]
+        Hs = [stats.pop(g[0]) for g in chunk]
+        parts = None
+        if batched:
+            H = torch.stack([st.S.mul_(2.0 / max(st.n, 1)) for st in Hs])
+            del Hs
+            parts = batched(lins, H)
+            if parts is None:
+                Hs = list(H.unbind(0))
+            del H
+        if parts is None:
+            parts = [quantizer.solve(ls, st if torch.is_tensor(st) else st.S.mul_(2.0 / max(st.n, 1)))
+                     for ls, st in zip(lins, Hs)]
+        for g, ls, ps in zip(chunk, lins, parts):
+            keep(g, ls, ps)
+    return out
+
+
+def summary(cfg, family: Family, expert_tokens: dict, quantizer) -> dict:
+    """The ``moe`` entry of ``qwen-quant-quantize.json``."""
+    return {"calibrate": cfg.moe_calibrate, "min_tokens": cfg.moe_min_tokens, "routed_tokens": expert_tokens,
+            "fallback_rtn": list(getattr(quantizer, "moe_fallback", [])), "full_precision": list(family.full_precision)}
+
+
 def fuse_experts(sd: dict[str, torch.Tensor], family: Family, config: dict) -> dict[str, torch.Tensor]:
     """Per-expert ``...experts.{e}.{gate,up,down}_proj.weight`` -> transformers 5's fused tensors."""
     moe = family.moe
     if moe is None:
         return sd
-    n = moe.count(config)
+    n = moe.num_experts(config)
     for i in range(config["num_hidden_layers"]):
         p = f"{family.layers_path}.{i}.{moe.experts}"
         if f"{p}.0.gate_proj.weight" not in sd:
@@ -125,6 +219,6 @@ def fuse_experts(sd: dict[str, torch.Tensor], family: Family, config: dict) -> d
     return sd
 
 
-def full_precision_patterns(family: Family) -> list[str]:
+def full_precision_patterns(family: Family | None) -> list[str]:
     """compressed-tensors ``ignore`` entries for the family's full-precision modules (router, gates)."""
-    return [f"re:.*{name}$" for name in family.full_precision]
+    return [f"re:.*{name}$" for name in family.full_precision] if family is not None else []

@@ -6,17 +6,20 @@ import json
 import resource
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from qwen_quant.errors import QuantError
-from qwen_quant.models import check_model, load_tokenizer, pick_device
+from qwen_quant.devices import torch_device
+from qwen_quant.models import check_model, load_tokenizer
 from qwen_quant.progress import log, progress
-from qwen_quant.quantize.config import QuantConfig, plan_padding
+from qwen_quant.quantize.awq import AWQQuantizer
+from qwen_quant.quantize.config import AWQConfig, GPTQConfig, QuantConfig, RTNConfig, plan_padding
 from qwen_quant.quantize.gptq import Hessian, gptq_quantize, split_rows
 from qwen_quant.quantize.grid import Grid, QuantResult, rtn_quantize
 from qwen_quant.quantize.layerwise import Layerwise, get_module
-from qwen_quant.quantize.moe import DEFAULT_MIN_TOKENS, full_precision_patterns, is_expert, routed_counts, set_calibrate
+from qwen_quant.quantize import moe
 from qwen_quant.report import Report
 
 
@@ -28,11 +31,13 @@ def _relative_error(w: torch.Tensor, r: QuantResult, H: torch.Tensor) -> float:
     return float(num / den.clamp_min(1e-20))
 
 
-def quantize_group(lw: Layerwise, layer, groups, hidden, cfg: QuantConfig, grid: Grid) -> dict[str, QuantResult]:
-    """GPTQ or RTN for linears captured in one pass; ``groups``: tuples of linears that share an input.
+def quantize_groups(lw: Layerwise, layer, groups, hidden, solve) -> dict[str, QuantResult]:
+    """Capture the inputs of linears that share them, then ``solve(names, linears, H)`` per tuple.
 
-    One Hessian per tuple (q/k/v and gate/up read the same tensor), and GPTQ solves each tuple as one
-    stacked matrix; results stay on the device (packing runs there too).
+    The one place where a layer's groups (``family.layer_groups``: tuples of linears that read the
+    same tensor, q/k/v and gate/up) become capture + solve: one Hessian per tuple, results stay on
+    the device (packing runs there too) and the layer's weights are replaced by their dequantized
+    values, so later groups and the next layer see the quantized model.
     """
     if groups and isinstance(groups[0], str):  # a single tuple of linears sharing an input
         groups = (tuple(groups),)
@@ -44,28 +49,78 @@ def quantize_group(lw: Layerwise, layer, groups, hidden, cfg: QuantConfig, grid:
         lins = [get_module(layer, n) for n in g]
         st = stats.pop(g[0])
         H = st.S.mul_(2.0 / max(st.n, 1))  # the Hessian, in place of the sum
-        n_tokens = st.n
         del st
-        if cfg.method == "gptq" and is_expert(lw.family, g[0]) and n_tokens < cfg.options.get("moe_min_tokens", DEFAULT_MIN_TOKENS):
-            parts = [rtn_quantize(lin.weight.data, grid) for lin in lins]  # too few routed tokens for a Hessian
-            for lin, r in zip(lins, parts):
-                r.error = _relative_error(lin.weight.data, r, H) if n_tokens else 0.0
-            if isinstance(cfg.options.get("moe_fallback"), list):
-                cfg.options["moe_fallback"].extend(g)
-        elif cfg.method == "gptq":
-            W = torch.cat([lin.weight.data for lin in lins]) if len(lins) > 1 else lins[0].weight.data
-            r = gptq_quantize(W, H, grid, damp=cfg.damp, desc_act=cfg.desc_act, own_hessian=True)
-            del W
-            parts = split_rows(r, [lin.out_features for lin in lins])
-        else:
-            parts = [rtn_quantize(lin.weight.data, grid) for lin in lins]
-            for lin, r in zip(lins, parts):
-                r.error = _relative_error(lin.weight.data, r, H)
+        parts = solve(lins, H)
         del H
         for n, lin, r in zip(g, lins, parts):
             lin.weight.data = r.dequant().to(lin.weight.dtype)
             out[n] = r
     return out
+
+
+class _GroupQuantizer:
+    """Driver side shared by GPTQ and RTN: true-sequential passes over the family's groups."""
+
+    def __init__(self, cfg: QuantConfig, grid: Grid):
+        self.cfg, self.grid = cfg, grid
+
+    def quantize_layer(self, lw: Layerwise, layer, hidden, layer_index: int) -> dict[str, QuantResult]:
+        # true-sequential: each group's inputs are recaptured after the earlier groups were
+        # quantized (4 capture passes); otherwise one pass captures every linear's input
+        # (a MoE layer's experts are one pass: each expert's linears are their own group)
+        groups = lw.family.layer_groups(lw.config, layer_index)
+        passes = moe.passes(groups) if self.cfg.true_sequential else [groups]
+        results: dict[str, QuantResult] = {}
+        for gs in passes:
+            plain, experts = moe.split_experts(lw.family, gs)
+            if plain:
+                results.update(quantize_groups(lw, layer, plain, hidden, self.solve))
+            if experts:
+                results.update(moe.quantize_experts(lw, layer, experts, hidden, self))
+        return results
+
+
+class GPTQQuantizer(_GroupQuantizer):
+    def solve(self, lins, H) -> list[QuantResult]:
+        """GPTQ solves a tuple of linears as one stacked matrix under their shared Hessian."""
+        W = torch.cat([lin.weight.data for lin in lins]) if len(lins) > 1 else lins[0].weight.data
+        r = gptq_quantize(W, H, self.grid, damp=self.cfg.damp, desc_act=self.cfg.desc_act, own_hessian=True)
+        return split_rows(r, [lin.out_features for lin in lins])
+
+    def solve_batched(self, lins_per_expert, H):
+        """Experts of one MoE layer in one batched solve (``H`` [E, K, K]); None where it cannot be."""
+        if self.cfg.desc_act:
+            return None
+        from qwen_quant.quantize.gptq_batched import gptq_quantize_batched
+
+        W = torch.stack([torch.cat([lin.weight.data for lin in lins]) for lins in lins_per_expert])
+        rs = gptq_quantize_batched(W, H, self.grid, damp=self.cfg.damp)
+        return [split_rows(r, [lin.out_features for lin in lins]) for r, lins in zip(rs, lins_per_expert)]
+
+
+class RTNQuantizer(_GroupQuantizer):
+    def solve(self, lins, H) -> list[QuantResult]:
+        parts = [rtn_quantize(lin.weight.data, self.grid) for lin in lins]
+        for lin, r in zip(lins, parts):
+            r.error = _relative_error(lin.weight.data, r, H)
+        return parts
+
+
+#: config type -> quantizer factory ``(cfg, grid) -> object with quantize_layer(lw, layer, hidden, i)``.
+QUANTIZERS: dict[type, Callable] = {GPTQConfig: GPTQQuantizer, RTNConfig: RTNQuantizer, AWQConfig: AWQQuantizer}
+
+
+def register_quantizer(config_type: type, factory: Callable) -> None:
+    """Add a method: its config dataclass and the quantizer the driver builds from it."""
+    QUANTIZERS[config_type] = factory
+
+
+def quantizer_for(cfg: QuantConfig, grid: Grid):
+    """Dispatch on the config's type (torchao style): the config decides the algorithm, nothing else."""
+    for klass in type(cfg).__mro__:
+        if klass in QUANTIZERS:
+            return QUANTIZERS[klass](cfg, grid)
+    raise QuantError(f"no quantizer for {type(cfg).__name__}; use GPTQConfig, RTNConfig or AWQConfig")
 
 
 def _packer(cfg: QuantConfig, out_dtype: torch.dtype):
@@ -86,14 +141,15 @@ def _format_config(cfg: QuantConfig, fam=None) -> dict:
     if cfg.format == "gptq":
         from qwen_quant.formats.gptq import quantization_config
 
-        return quantization_config(cfg.bits, cfg.group_size, cfg.desc_act, cfg.sym, cfg.damp, cfg.true_sequential)
+        return quantization_config(cfg.bits, cfg.group_size, getattr(cfg, "desc_act", False), cfg.sym,
+                                   getattr(cfg, "damp", 0.01), cfg.true_sequential)
     if cfg.format == "awq":
         from qwen_quant.formats.awq import quantization_config
 
         return quantization_config(cfg.bits, cfg.group_size, not cfg.sym)
     from qwen_quant.formats.ct import quantization_config
 
-    return quantization_config(cfg.bits, cfg.group_size, cfg.sym, ["lm_head", *full_precision_patterns(fam)] if fam else ["lm_head"])
+    return quantization_config(cfg.bits, cfg.group_size, cfg.sym, ["lm_head", *moe.full_precision_patterns(fam)])
 
 
 def _dir_size(p: Path) -> int:
@@ -102,7 +158,7 @@ def _dir_size(p: Path) -> int:
 
 class _Phases:
     """Seconds per phase of one layer (load, quantize, forward, pack, to_host) when ``enabled``
-    (``options["phases"]``): each mark waits for the device, so it is off by default."""
+    (``cfg.phases``): each mark waits for the device, so it is off by default."""
 
     def __init__(self, device: str, enabled: bool):
         self.enabled, self.cuda = enabled, device.startswith("cuda")
@@ -129,7 +185,9 @@ def _warm_up(device: str) -> None:
     torch.cuda.synchronize(device)
 
 
-def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
+def quantize_model(cfg: QuantConfig, on_layer: Callable[[str, dict], None] | None = None) -> tuple[Path, Report]:
+    """Quantize with the method ``cfg``'s type names; ``on_layer(layer_path, results)`` sees each
+    layer's `QuantResult`s (tests and benchmarks inspect the choices)."""
     import threading
 
     t_setup = time.perf_counter()
@@ -148,15 +206,16 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
     if out.exists() and not cfg.force:
         raise QuantError(f"output {out} already exists; pass --force to replace it or choose another -o")
     pad = plan_padding(cfg, hf, fam)
-    device = pick_device(cfg.device)
+    device = torch_device(cfg.device)
     compute = torch.float32 if device == "cpu" else torch.float16
     out_dtype = torch.float16 if cfg.format in ("gptq", "awq") else torch.float32 if device == "cpu" else torch.bfloat16
     if cfg.format == "compressed-tensors":
         src_dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
         out_dtype = getattr(torch, src_dtype, torch.float32)
     grid = Grid(cfg.bits, cfg.group_size, cfg.sym)
+    quantizer = quantizer_for(cfg, grid)
     warm = None
-    if device.startswith("cuda") and cfg.method == "gptq":
+    if device.startswith("cuda") and isinstance(quantizer, GPTQQuantizer):
         warm = threading.Thread(target=_warm_up, args=(device,), name="qwen-quant-warm-up", daemon=True)
         warm.start()
 
@@ -167,7 +226,7 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
     ids = calib.__class__(calib.source, calib.nsamples, calib.seqlen, calib.seed, chat).samples(tok)
     mark("calibration")
     log(f"{cfg.method} {cfg.bits}-bit g{cfg.group_size} {'sym' if cfg.sym else 'asym'}"
-        f"{' desc_act' if cfg.desc_act else ''} on {device}: {src} ({ids.shape[0]} x {ids.shape[1]} calibration tokens"
+        f"{' desc_act' if getattr(cfg, 'desc_act', False) else ''} on {device}: {src} ({ids.shape[0]} x {ids.shape[1]} calibration tokens"
         f"{', chat-formatted' if chat else ''})")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -179,8 +238,7 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
     lw = Layerwise(str(src), hf, fam, device=device, dtype=compute, intermediate_pad=pad, batch_size=cfg.batch_size)
     writer = BackgroundWriter(CheckpointWriter(out, force=cfg.force))  # writes overlap the next layer
     pack = _packer(cfg, out_dtype)
-    set_calibrate(lw.skeleton, cfg.options.get("moe_calibrate", "routed"))
-    fallback = cfg.options.setdefault("moe_fallback", []) if fam.moe else None
+    moe.set_calibrate(lw.skeleton, cfg.moe_calibrate)
     expert_tokens: dict[str, list[int]] = {}
     per_layer = []
     mark("skeleton")
@@ -197,28 +255,17 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
         with progress("quantizing layers", total=n_layers, unit="layers") as advance:
             for i in range(n_layers):
                 t1 = time.perf_counter()
-                phase = _Phases(device, bool(cfg.options.get("phases")))
+                phase = _Phases(device, cfg.phases)
                 path = f"{fam.layers_path}.{i}"
                 layer = lw.load(path)
                 if i + 1 < n_layers:
                     lw.prefetch(f"{fam.layers_path}.{i + 1}")  # disk reads overlap this layer's compute
                 phase("load")
-                results: dict[str, QuantResult] = {}
-                quantize_layer = cfg.options.get("quantize_layer")
-                if quantize_layer is not None:  # e.g. AWQ: scale search over the whole layer first
-                    results = quantize_layer(lw, layer, hidden, cfg, grid)
-                else:
-                    # true-sequential: each group's inputs are recaptured after the earlier groups were
-                    # quantized (4 capture passes); otherwise one pass captures every linear's input
-                    groups = fam.layer_groups(hf, i)
-                    passes = [(g,) for g in groups] if cfg.true_sequential else [groups]
-                    for groups in passes:
-                        results.update(quantize_group(lw, layer, groups, hidden, cfg, grid))
+                results = quantizer.quantize_layer(lw, layer, hidden, i)
                 phase("quantize")
-                routed_counts(layer)  # reset: the propagating forward routes as the expert captures did
+                moe.routed_counts(layer)  # reset: the propagating forward routes the tokens once
                 hidden = lw.forward(layer, hidden, in_place=True)
-                if fam.moe:
-                    expert_tokens.update({f"{path}.{k}": v for k, v in routed_counts(layer).items()})
+                expert_tokens.update({f"{path}.{k}": v for k, v in moe.routed_counts(layer).items()})
                 phase("forward")
                 tensors = {}
                 for name, mod in layer.named_modules():
@@ -231,8 +278,8 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
                 phase("pack")
                 writer.add(tensors)
                 phase("to_host")
-                if isinstance(cfg.options.get("results"), dict):  # tests and benchmarks inspect the choices
-                    cfg.options["results"].update({f"{path}.{k}": v for k, v in results.items()})
+                if on_layer is not None:
+                    on_layer(path, results)
                 err = sum(r.error for r in results.values()) / len(results)
                 per_layer.append({"layer": i, "seconds": round(time.perf_counter() - t1, 3), "mean_rel_error": err})
                 if phase.enabled:
@@ -266,9 +313,9 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
         peak_gpu = max([p["peak_gpu_bytes"] for p in per_layer] + [peak_before, torch.cuda.max_memory_allocated()])
     summary = {
         "method": cfg.method, "format": cfg.format, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
-        "desc_act": cfg.desc_act, "damp": cfg.damp, "true_sequential": cfg.true_sequential, "intermediate_pad": pad,
+        "desc_act": getattr(cfg, "desc_act", False), "damp": getattr(cfg, "damp", None), "true_sequential": cfg.true_sequential, "intermediate_pad": pad,
         "device": device,
-        "options": {k: v for k, v in cfg.options.items() if isinstance(v, (bool, int, float, str))},  # e.g. AWQ's clip
+        "options": {k: v for k, v in cfg.options().items() if k not in ("desc_act", "damp")},  # e.g. AWQ's clip
         "calibration": {"source": calib.source, "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "chat": chat,
                         "seed": calib.seed},
         "size_before_bytes": _dir_size(src), "size_after_bytes": _dir_size(out), "seconds": round(seconds, 2),
@@ -277,10 +324,7 @@ def quantize_model(cfg: QuantConfig) -> tuple[Path, Report]:
         "layers": per_layer,
     }
     if fam.moe:
-        summary["moe"] = {"calibrate": cfg.options.get("moe_calibrate", "routed"),
-                          "min_tokens": cfg.options.get("moe_min_tokens", DEFAULT_MIN_TOKENS),
-                          "routed_tokens": expert_tokens, "fallback_rtn": list(fallback or []),
-                          "full_precision": list(fam.full_precision)}
+        summary["moe"] = moe.summary(cfg, fam, expert_tokens, quantizer)
     (out / "qwen-quant-quantize.json").write_text(json.dumps(summary, indent=2))
     report = Report(extra={"quantize": summary})
     if cfg.validate:

@@ -56,7 +56,7 @@ def resolve_source(recipe: Recipe, outdir: Path, state: st.State) -> Path:
 
     ref = recipe.source.model
     if ref.startswith(FIXTURE_PREFIX):
-        from qwen_quant.testing.fixtures import fixture_path
+        from qwen_quant.fixtures import fixture_path
 
         src = fixture_path(ref[len(FIXTURE_PREFIX):])
     elif recipe.source.convert:
@@ -88,6 +88,8 @@ def _type_name(spec: ArtifactSpec, gguf_type: str | None = None) -> str:
         return f"{spec.type}-int{c.bits}"
     if spec.type == "gguf":
         return f"gguf-{gguf_type}"
+    if spec.type == "fp8":
+        return c.artifact_type
     return "onnx-" + ("int4" if c.int4 else "int8" if c.int8 else "fp16" if c.fp16 else "fp32")
 
 
@@ -95,12 +97,15 @@ def build(spec: ArtifactSpec, src: Path, outdir: Path, device: str) -> list[tupl
     """Write the artifact under ``outdir/<name>``; returns (path, report type) per output."""
     target = outdir / spec.name
     if spec.type in ("gptq", "rtn", "awq"):
-        from qwen_quant.quantize import quantize_model
-
-        if spec.type == "awq":  # the same entry point as `qwen-quant awq` (adds AWQ's layer hook)
-            from qwen_quant.quantize.awq import quantize_awq as quantize_model
+        from qwen_quant.quantize import quantize_model  # the config's type picks the method
         cfg = dataclasses.replace(spec.config, model=str(src), output=str(target), force=True, validate=False, device=device)
         out, _ = quantize_model(cfg)
+        return [(str(out), _type_name(spec))]
+    if spec.type == "fp8":
+        from qwen_quant.quantize.fp8 import quantize_fp8
+
+        cfg = dataclasses.replace(spec.config, model=str(src), output=str(target), force=True, validate=False, device=device)
+        out, _ = quantize_fp8(cfg)
         return [(str(out), _type_name(spec))]
     if spec.type == "gguf":
         from qwen_quant.export.gguf_export import export_gguf
@@ -277,7 +282,3 @@ def write_reports(report: Report, outdir: Path, json_path: str | None = None) ->
     os.replace(tmp, outdir / REPORT_MD)
     if json_path:
         report.write_json(json_path)
-
-
-def summary(outcome: Outcome) -> dict[str, Any]:
-    return {"outdir": str(outcome.outdir), "statuses": outcome.statuses}

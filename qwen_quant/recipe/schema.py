@@ -33,18 +33,20 @@ from qwen_quant.calib import CalibConfig
 from qwen_quant.errors import QuantError
 from qwen_quant.export.gguf_export import GGUFExportConfig
 from qwen_quant.export.onnx import OnnxExportConfig
-from qwen_quant.quantize.config import QuantConfig
+from qwen_quant.quantize.config import AWQConfig, GPTQConfig, QuantConfig, RTNConfig
+from qwen_quant.quantize.fp8 import FP8Config
 from qwen_quant.validate import EvalConfig
 
 FIXTURE_PREFIX = "fixture:"
 
 # artifact type -> (config class, fixed fields, backends it can be validated on)
 ARTIFACT_TYPES: dict[str, tuple[type, dict, tuple[str, ...]]] = {
-    "gptq": (QuantConfig, {"method": "gptq"}, ("torch", "vllm")),  # vllm: opt-in, scripts/setup-vllm.sh
-    "rtn": (QuantConfig, {"method": "rtn"}, ("torch", "vllm")),
-    "awq": (QuantConfig, {"method": "awq", "format": "awq", "sym": False}, ("torch", "vllm")),
+    "gptq": (GPTQConfig, {}, ("torch", "vllm")),  # vllm: opt-in, scripts/setup-vllm.sh
+    "rtn": (RTNConfig, {}, ("torch", "vllm")),
+    "awq": (AWQConfig, {}, ("torch", "vllm")),
     "gguf": (GGUFExportConfig, {}, ("llama.cpp",)),
     "onnx": (OnnxExportConfig, {}, ("onnxruntime",)),
+    "fp8": (FP8Config, {}, ("torch", "vllm")),  # FP8Config fields: format (fp8|compressed-tensors), scheme
 }
 # Fields the runner fills itself (paths, overwrite, validation): not recipe options.
 RUNNER_FIELDS = {"model", "output", "outdir", "force", "validate", "json", "eval", "device", "method",
@@ -230,17 +232,15 @@ def _artifact(doc: _Doc, i: int, raw, recipe_calib: CalibConfig, chat: bool | No
             raise doc.error(path + ("backends", j), f"a {kind} artifact cannot be validated on {b!r}; use {', '.join(allowed_backends)}")
     options = {k: v for k, v in raw.items() if k not in ENTRY_KEYS}
     opath = path
-    if "calibration" in raw and cls is not QuantConfig:
+    if "calibration" in raw and not issubclass(cls, QuantConfig):
         raise doc.error(path + ("calibration",), f"only gptq/rtn/awq artifacts take their own calibration; {kind} uses its own keys")
-    if cls is QuantConfig:
+    if issubclass(cls, QuantConfig):
         own = raw.get("calibration", {})
         if not isinstance(own, dict):
             raise doc.error(path + ("calibration",), "must be a mapping of CalibConfig fields")
         calib = _fill(doc, path + ("calibration",), CalibConfig, own, **{**dataclasses.asdict(recipe_calib), **own})
         base = {"model": "", "output": "", "calib": calib, "chat": own.get("chat", chat)}
         cfg = _fill(doc, opath, cls, options, fixed, RUNNER_FIELDS | {"calib"}, **base)
-        if kind == "awq" and "sym" in options:
-            cfg.sym = options["sym"]
         _checked(doc, path, cfg.check)
     elif cls is GGUFExportConfig:
         base = {"model": "", "calib": recipe_calib.source, "nsamples": recipe_calib.nsamples, "seqlen": recipe_calib.seqlen}

@@ -64,7 +64,8 @@ def config_key(cfg: Any, drop: tuple[str, ...] = ("model", "output", "outdir", "
     d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
     for k in drop:
         d.pop(k, None)
-    d.get("options", {}).pop("results", None)  # a dict tests pass to inspect choices, not an option
+    if getattr(cfg, "method", None):  # a class attribute of each quantizer config, not a field
+        d["method"] = cfg.method
     return d
 
 

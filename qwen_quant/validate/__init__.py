@@ -153,7 +153,12 @@ def artifact_record(artifact, kind_hint: str | None = None, type_: str | None = 
     if fmt == "hf" and p.is_dir() and (p / "config.json").exists():
         from qwen_quant.models.loader import load_config
 
-        fmt = (load_config(p).get("quantization_config") or {}).get("quant_method") or "hf"
+        qc = load_config(p).get("quantization_config") or {}
+        fmt = qc.get("quant_method") or "hf"
+        from qwen_quant.formats.fp8 import is_fp8, scheme_of
+
+        if type_ is None and is_fp8(qc):  # the artifact class check's fp8 defaults apply to
+            type_ = "fp8-block" if scheme_of(qc)[0] else "fp8-dynamic"
     return {"path": str(p), "format": fmt, "type": type_, "size_bytes": size}
 
 
@@ -236,7 +241,7 @@ def run_eval(artifact, cfg: EvalConfig, reference=None, backend: str | None = No
     models shared by the results of one report (`qwen-quant run`); a private one otherwise.
     """
     from qwen_quant.calib import dataset_fingerprint, eval_tokens, greedy_prompts
-    from qwen_quant.models.loader import pick_device, torch_dtype
+    from qwen_quant.models.loader import torch_dtype
 
     cfg.check()
     _check_inputs(artifact, reference)
@@ -255,10 +260,10 @@ def run_eval(artifact, cfg: EvalConfig, reference=None, backend: str | None = No
     try:
         mode = (False, "together", [])
         if _streamable(artifact, reference, backend) and (ref_device is None or ref_device == device):
-            from qwen_quant.backends.torch_backend import parse_devices
+            from qwen_quant.devices import torch_devices
             from qwen_quant.validate.streamed import plan
 
-            devices = parse_devices(device if device != "auto" else pick_device("auto"))
+            devices = torch_devices(device)
             dt = torch_dtype(dtype, devices[0])
             mode = plan(reference, devices, dt.itemsize, _work_bytes(cfg, reference, devices[0]), streamed,
                         cached_ref=refs.loaded(reference))
@@ -284,8 +289,9 @@ def run_eval(artifact, cfg: EvalConfig, reference=None, backend: str | None = No
                                ref_greedy=lambda: refs.greedy(key, lambda: greedy(ref_b, prompts, cfg)))
             backend_rec = backend_record(test_b)
             ref_rec = None if ref_b is None else {"path": str(reference), "backend": ref_b.name, "device": ref_b.device, "dtype": ref_b.dtype}
-        # artifact metadata parity (tokenizer, special ids, template, rope/eps/ctx; issue 12): validate/metadata.py
-        metadata = metadata_parity(artifact, reference, cfg.data, tok) if reference is not None and isinstance(artifact, (str, Path)) else None
+        # artifact metadata parity (tokenizer, special ids, template, rope/eps/ctx): validate/metadata.py
+        engine = getattr(test_b, "engine_view", None) if test_b is not None else None  # vLLM: what the engine parsed
+        metadata = metadata_parity(artifact, reference, cfg.data, tok, engine=engine) if reference is not None and isinstance(artifact, (str, Path)) else None
         result = Result(
             metadata=metadata,
             artifact=artifact_record(artifact, type_=artifact_type),
@@ -294,7 +300,7 @@ def run_eval(artifact, cfg: EvalConfig, reference=None, backend: str | None = No
             ctx=cfg.ctx, ppl_method=cfg.method, metrics=metrics, wall_time_s=round(time.perf_counter() - t0, 3),
             phases=phases, notes=notes,
         )
-        # fp16 runs: reference activation peaks + fp16 parity on chat prompts (issue 15): validate/overflow.py
+        # fp16 runs: reference activation peaks + fp16 parity on chat prompts: validate/overflow.py
         if test_b is not None and ref_b is not None:
             from qwen_quant.validate.overflow import annotate_fp16
 

@@ -73,6 +73,20 @@ def hf_numbers(cfg: dict) -> dict[str, Any]:
             "rms_eps": cfg.get("rms_norm_eps")}
 
 
+def hf_structure(cfg: dict) -> dict[str, Any]:
+    """What the family of a config.json says a runtime must hold: experts (count, used per token, FFN
+    widths), the attention head width, and whether q/k carry their own RMSNorm."""
+    from qwen_quant.models.registry import detect_family
+
+    fam = detect_family(cfg, allow_unsupported=True)
+    out: dict[str, Any] = {"qk_norm": fam.qk_norm, "head_dim": cfg.get("head_dim")}
+    if fam.moe is not None:
+        out.update(expert_count=fam.moe.num_experts(cfg), expert_used_count=cfg.get(fam.moe.top_k_key),
+                   expert_ff_length=cfg.get(fam.moe.intermediate_key),
+                   expert_shared_ff_length=cfg.get(fam.moe.shared_intermediate_key) if fam.moe.shared_intermediate_key else None)
+    return out
+
+
 def _scaling(s: dict | None) -> tuple[str, float]:
     """('none', 1.0) or (type, factor): the part of rope scaling every runtime agrees on."""
     if not s:
@@ -101,8 +115,11 @@ def gguf_view(path: Path, paragraphs: list[str]) -> dict[str, Any]:
     from qwen_quant.backends.llamacpp import tokenize_vocab_only
     from qwen_quant.formats.integrity import GGUFIndex
 
+    from qwen_quant.validate.tables import gguf_sanity
+
     idx = GGUFIndex(path)  # gguf-py's reader parses the whole vocabulary into numpy objects: seconds
     try:
+        gguf_sanity(path, idx)  # contradictions llama.cpp would abort on: one line, exit 2, before it loads
         get = idx.get
         arch = get("general.architecture") or ""
         kind = get(f"{arch}.rope.scaling.type")
@@ -112,7 +129,12 @@ def gguf_view(path: Path, paragraphs: list[str]) -> dict[str, Any]:
                 "rms_eps": get(f"{arch}.attention.layer_norm_rms_epsilon"),
                 "bos": get("tokenizer.ggml.bos_token_id"), "eos": get("tokenizer.ggml.eos_token_id"),
                 "pad": get("tokenizer.ggml.padding_token_id"), "template": get("tokenizer.chat_template"),
-                "pre": get("tokenizer.ggml.pre")}
+                "pre": get("tokenizer.ggml.pre"),
+                "expert_count": get(f"{arch}.expert_count"), "expert_used_count": get(f"{arch}.expert_used_count"),
+                "expert_ff_length": get(f"{arch}.expert_feed_forward_length"),
+                "expert_shared_ff_length": get(f"{arch}.expert_shared_feed_forward_length"),
+                "head_dim": get(f"{arch}.attention.key_length"),
+                "qk_norm": any(t[0].endswith(".attn_q_norm.weight") for t in idx.tensors)}
     finally:
         idx.close()
     ids = tokenize_vocab_only(path, paragraphs + list(SPECIAL_TEXT), special=True)
@@ -219,10 +241,12 @@ def _tokenizer_checks(name: str, view: dict, ref_tok, paragraphs: list[str]) -> 
     return out
 
 
-def metadata_parity(artifact, reference, data: str = "shipped", ref_tok=None) -> dict[str, Any]:
+def metadata_parity(artifact, reference, data: str = "shipped", ref_tok=None, engine: dict | None = None) -> dict[str, Any]:
     """``{ok, checks}`` for ``artifact`` against the HF checkpoint ``reference`` (see module docstring).
 
     ``ref_tok``: the source's tokenizer when already loaded (`run_eval` has it: the ids every backend is fed).
+    ``engine``: what a serving engine parsed from the checkpoint (the vLLM backend's ``engine_view``:
+    context length, rope, eps, bos/eos/pad ids); those values replace the ones read from the files.
     """
     from qwen_quant.models.loader import load_config, load_tokenizer, resolve_model
 
@@ -233,6 +257,13 @@ def metadata_parity(artifact, reference, data: str = "shipped", ref_tok=None) ->
     ref_tok = ref_tok or load_tokenizer(ref)
     ref_cfg = load_config(ref)
     view = VIEWS[kind](p, paragraphs)
+    if engine and "error" not in engine:
+        view["where"] = "what vLLM parsed (engine), tokenizer files"
+        for k in ("context_length", "rope_theta", "rms_eps", "vocab_size", "bos", "eos", "pad"):
+            if engine.get(k) is not None:
+                view[k] = engine[k]
+        if "rope_scaling" in engine:
+            view["rope_scaling"] = _scaling(engine["rope_scaling"])
     where = view["where"]
     checks = _tokenizer_checks(name, view, ref_tok, paragraphs)
 
@@ -246,19 +277,31 @@ def metadata_parity(artifact, reference, data: str = "shipped", ref_tok=None) ->
                              "" if ok else f"{name}: {k} token id {sorted(got)} in {where.split(',')[0]} is not one the "
                              f"source declares ({sorted(specials[k])}); re-export or fix the id"))
 
+    checks += _table_checks(p, kind, name, ref)
+
     chats = chat_samples()
     if chats and "tokenizer_error" not in view:
-        want, got = _render(ref_tok, ref_tok.chat_template, chats), _render(ref_tok, view.get("template"), chats)
-        ok = want == got
-        first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), 0) if isinstance(want, list) and isinstance(got, list) else None
-        actual = "same text" if ok else (got if isinstance(got, str) else f"chat sample {first} renders differently")
-        checks.append(_check("chat template", ok, f"{len(chats)} shipped chats rendered as the source renders them", actual,
-                             "" if ok else f"{name}: the chat template {actual if isinstance(got, str) else 'differs'} "
-                             f"({actual}); ship the source's chat template"))
+        want = _render(ref_tok, ref_tok.chat_template, chats)
+        sources = {"chat template": view.get("template")}  # what the runtime (or transformers) picks
+        if kind != "gguf":
+            from qwen_quant.validate.tables import templates
+
+            folder = p if p.is_dir() else p.parent
+            sources.update({f"chat template ({where_})": t for where_, t in templates(folder).items()})
+        for check_name, template in sources.items():
+            got = _render(ref_tok, template, chats)
+            ok = want == got
+            first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), 0) if isinstance(want, list) and isinstance(got, list) else None
+            actual = "same text" if ok else (got if isinstance(got, str) else f"chat sample {first} renders differently")
+            checks.append(_check(check_name, ok, f"{len(chats)} shipped chats rendered as the source renders them", actual,
+                                 "" if ok else f"{name}: the {check_name} {actual if isinstance(got, str) else 'differs'} "
+                                 f"({actual}); ship the source's chat template"))
 
     want_nums = hf_numbers(ref_cfg)
     want_nums["vocab_size"] = ref_cfg.get("vocab_size")
-    for key in ("context_length", "rope_theta", "rope_scaling", "rms_eps", "vocab_size"):
+    want_nums.update(hf_structure(ref_cfg))
+    for key in ("context_length", "rope_theta", "rope_scaling", "rms_eps", "vocab_size", "expert_count",
+                "expert_used_count", "expert_ff_length", "expert_shared_ff_length", "head_dim", "qk_norm"):
         got, exp = view.get(key), want_nums.get(key)
         if got is None or exp is None:
             continue
@@ -271,6 +314,23 @@ def metadata_parity(artifact, reference, data: str = "shipped", ref_tok=None) ->
 
         checks.append(gidx_convention(p, _read_json(p / "config.json")))
     return {"ok": all(c["ok"] for c in checks), "checks": checks, "read_from": where}
+
+
+def _table_checks(p: Path, kind: str, name: str, ref: Path) -> list[dict]:
+    """Whole tokenizer tables, flags, declared special tokens, generation defaults (`validate.tables`)."""
+    from qwen_quant.validate import tables
+
+    src = tables.SourceTables(ref)
+    if kind == "gguf":
+        from qwen_quant.formats.integrity import GGUFIndex
+
+        idx = GGUFIndex(p)
+        try:
+            return tables.gguf_table_checks(name, idx, src)
+        finally:
+            idx.close()
+    folder = p if p.is_dir() else p.parent
+    return tables.hf_table_checks(name, folder, src) + tables.generation_checks(name, folder, src)
 
 
 def _short(v) -> str:

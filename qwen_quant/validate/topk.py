@@ -91,7 +91,12 @@ class TopKLogprobs:
             return nll, None, None, None
         lr = log_softmax(rl)
         ref_nll = -lr.gather(1, tg[:, None])[:, 0]
-        top1 = lr.argmax(-1) == test_top
+        # ties at the maximum count as agreement (see `metrics.top1_agree`): the test's top token is a
+        # reference maximum, or the reference's top token is listed with the test's maximum log-prob
+        ref_top = lr.argmax(-1, keepdim=True)
+        top1 = lr.gather(1, test_top[:, None])[:, 0] >= lr.max(-1).values
+        best = torch.where(valid, lq, torch.full_like(lq, -float("inf"))).max(-1, keepdim=True).values
+        top1 = top1 | ((ids == ref_top) & valid & (lq >= best)).any(-1)
         safe = ids.clamp(min=0)
         lp_s = lr.gather(1, safe).double()
         lq_s = lq.double()

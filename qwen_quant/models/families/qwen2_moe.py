@@ -48,6 +48,14 @@ MLP_PAIRS = (
     ScalePair("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",)),
 )
 
+def gguf_params(writer, config: dict) -> None:
+    """The keys convert_hf_to_gguf.py's ``Qwen2MoeModel.set_gguf_parameters`` adds (also Qwen3MoeModel's)."""
+    if (n := config.get("moe_intermediate_size")) is not None:
+        writer.add_expert_feed_forward_length(n)
+    if (n := config.get("shared_expert_intermediate_size")) is not None:
+        writer.add_expert_shared_feed_forward_length(n)
+
+
 FAMILY = Family(
     name="qwen2_moe",
     description="Qwen1.5-MoE / Qwen2-MoE (transformers Qwen2MoeForCausalLM)",
@@ -59,7 +67,7 @@ FAMILY = Family(
     scale_pairs=qwen2.ATTENTION_PAIRS + MLP_PAIRS,
     moe=MOE,
     qkv_bias=True,
-    gguf=GGUFNames(arch="QWEN2MOE", pre=qwen2.GGUF_PRE),
+    gguf=GGUFNames(arch="QWEN2MOE", pre=qwen2.GGUF_PRE, params=gguf_params, dense_layers=False),
     onnx_type=None,
     onnx_hint="onnxruntime-genai's model builder has no Qwen Mixture-of-Experts model type; use GGUF or a GPTQ/AWQ checkpoint",
 )

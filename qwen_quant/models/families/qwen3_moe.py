@@ -34,7 +34,7 @@ FAMILY = Family(
     moe=MOE,
     qkv_bias=False,
     qk_norm=True,
-    gguf=GGUFNames(arch="QWEN3MOE", pre=qwen2.GGUF_PRE),
+    gguf=GGUFNames(arch="QWEN3MOE", pre=qwen2.GGUF_PRE, params=qwen2_moe.gguf_params, dense_layers=False),
     onnx_type=None,
     onnx_hint=qwen2_moe.FAMILY.onnx_hint,
 )

@@ -12,9 +12,9 @@ with every unseen row set to the sink row. Unseen tokens thus get the low probab
 softmax would have taught them, and training takes a minute instead of an hour.
 
 Hard variants (``*-outliers``, ``*-fp16overflow``) are trained fixtures passed through the exact,
-function-preserving outlier transform of `qwen_quant.testing.outliers`; they are cached the same way.
+function-preserving outlier transform of `qwen_quant.faults.outliers`; they are cached the same way.
 
-Run ``python -m qwen_quant.testing.fixtures [NAME...]`` to build them ahead of time.
+Run ``python -m qwen_quant.fixtures [NAME...]`` to build them ahead of time.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class DerivedSpec:
 
 
 def _derived() -> dict[str, DerivedSpec]:
-    from qwen_quant.testing.outliers import OutlierSpec
+    from qwen_quant.faults.outliers import OutlierSpec
 
     return {d.name: d for d in (
         DerivedSpec("qwen2-tiny-tied-outliers", "qwen2-tiny-tied",
@@ -134,7 +134,7 @@ def fixture_path(name: str = DEFAULT_FIXTURE, quiet: bool = False) -> Path:
     from qwen_quant.errors import QuantError
 
     if name in DERIVED_NAMES:
-        from qwen_quant.testing import outliers
+        from qwen_quant.faults import outliers
 
         d = _derived()[name]
         base = fixture_path(d.base, quiet)

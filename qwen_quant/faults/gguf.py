@@ -1,4 +1,4 @@
-"""GGUF faults for `qwen_quant.testing.faults.plant`: keys, tokens and tensor scales edited in the file.
+"""GGUF faults for `qwen_quant.faults.plant`: keys, tokens and tensor scales edited in the file.
 
 Edits go through `qwen_quant.formats.integrity.GGUFIndex` (byte offsets of every key and tensor), so
 same-size changes are made in place and string changes rewrite only the metadata, re-aligning the
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_quant.testing.faults import OTHER_PRE, OTHER_TEMPLATES, _noise, _other_id, _swap_pairs, _truncate
+from qwen_quant.faults.plant import OTHER_PRE, OTHER_TEMPLATES, _noise, _other_id, _swap_pairs, _truncate
 
 def _gguf_index(path: Path):
     from qwen_quant.formats.integrity import GGUFIndex

@@ -1,1 +1,0 @@
-"""Small trained Qwen2-architecture models for tests, the demo and benchmarks."""
