@@ -24,6 +24,8 @@ class ScalePair:
     ``inspect``: the block whose output error the search minimises (None: the single linear);
     ``attention``: that block needs position embeddings; ``exact_with_gqa``: the fold is exact when
     K/V heads are shared (False for v -> o, whose outputs are repeated across heads).
+    ``also``: full-precision modules that read the same output (a MoE router, the shared-expert
+    gate): they get ``s`` folded in too, unquantized, or the fold into ``prev`` would change them.
     """
 
     prev: str
@@ -31,6 +33,7 @@ class ScalePair:
     inspect: str | None = None
     attention: bool = False
     exact_with_gqa: bool = True
+    also: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
