@@ -30,6 +30,8 @@ Seed = Annotated[int, typer.Option(help="Seed for calibration sampling.")]
 Chat = Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Chat-formatted calibration samples (default: when the folder name says chat/instruct).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Pad = Annotated[bool, typer.Option(help="Pad the MLP intermediate size with zero units when the group size does not divide it (exact).")]
+MoeCalibrate = Annotated[str, typer.Option("--moe-calibrate", help="Mixture-of-Experts statistics: routed (each expert from the tokens routed to it) or all (every token through every expert; the output still uses the routed ones).")]
+MoeMinTokens = Annotated[int, typer.Option("--moe-min-tokens", help="An expert routed fewer calibration tokens is rounded to nearest instead (listed in qwen-quant-quantize.json).")]
 Force = Annotated[bool, typer.Option(help="Replace an existing output folder.")]
 Validate = Annotated[bool, typer.Option("--validate/--no-validate", help="Measure perplexity and parity against the original after writing.")]
 Ctx = Annotated[int, typer.Option(help="Validation window length.")]
@@ -130,6 +132,8 @@ def gptq(
     chat: Chat = None,
     device: Device = "auto",
     pad: Pad = False,
+    moe_calibrate: MoeCalibrate = "routed",
+    moe_min_tokens: MoeMinTokens = 32,
     force: Force = False,
     validate: Validate = True,
     ctx: Ctx = 512,
@@ -150,7 +154,7 @@ def gptq(
     set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
     common = dict(model=model, output=str(output), bits=bits, group_size=group_size, sym=sym, true_sequential=true_sequential,
                   format=fmt, calib=CalibConfig(calib, nsamples, seqlen, seed), chat=chat, device=device, pad=pad,
-                  force=force, validate=validate, eval=EvalConfig(ctx=ctx, max_tokens=max_tokens))
+                  moe_calibrate=moe_calibrate, moe_min_tokens=moe_min_tokens, force=force, validate=validate, eval=EvalConfig(ctx=ctx, max_tokens=max_tokens))
     cfg = RTNConfig(**common) if rtn else GPTQConfig(**common, desc_act=desc_act, damp=damp)
     out, report = quantize_model(cfg)
     _print_quant_summary(report.extra["quantize"], out)
@@ -174,6 +178,8 @@ def awq(
     chat: Chat = None,
     device: Device = "auto",
     pad: Pad = False,
+    moe_calibrate: MoeCalibrate = "routed",
+    moe_min_tokens: MoeMinTokens = 32,
     force: Force = False,
     validate: Validate = True,
     ctx: Ctx = 512,
@@ -193,7 +199,7 @@ def awq(
     set_quiet(quiet or (json_out is not None and str(json_out) == "-"))
     cfg = AWQConfig(model=model, output=str(output), bits=bits, group_size=group_size, sym=sym if zero_point is None else not zero_point,
                       format=fmt, calib=CalibConfig(calib, nsamples, seqlen, seed), chat=chat, device=device, pad=pad,
-                      force=force, validate=validate, eval=EvalConfig(ctx=ctx, max_tokens=max_tokens), clip=clip)
+                      moe_calibrate=moe_calibrate, moe_min_tokens=moe_min_tokens, force=force, validate=validate, eval=EvalConfig(ctx=ctx, max_tokens=max_tokens), clip=clip)
     out, report = quantize_model(cfg)
     _print_quant_summary(report.extra["quantize"], out)
     _emit(report, json_out, f"qwen-quant awq: {out}")

@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qwen_quant.models.families import qwen3
+from qwen_quant.models.families import qwen2_moe, qwen3, qwen3_moe
 from qwen_quant.models.registry import QWEN2
 
 TRAIN_VERSION = 2
@@ -61,6 +61,17 @@ FIXTURES: dict[str, FixtureSpec] = {s.name: s for s in (
                 128, 896, 2, 8, 1, False, vocab_size=152064),
     FixtureSpec("qwen3-tiny", "Qwen3-0.6B/1.7B: tied embeddings, GQA, no qkv bias, q/k RMSNorm, head_dim 64 != hidden/heads",
                 128, 384, 2, 4, 2, True, model_type=qwen3.FAMILY.model_types[0], extra=(("head_dim", 64),)),
+    FixtureSpec("qwen2-moe-tiny", "Qwen1.5-MoE-A2.7B: 4 routed experts top-2, a shared expert behind its sigmoid gate, "
+                "layer 0 dense through mlp_only_layers, qkv bias, untied", 128, 384, 2, 4, 4, False,
+                model_type=qwen2_moe.FAMILY.model_types[0],
+                extra=(("num_experts", 4), ("num_experts_per_tok", 2), ("moe_intermediate_size", 128),
+                       ("shared_expert_intermediate_size", 256), ("mlp_only_layers", [0]), ("decoder_sparse_step", 1),
+                       ("norm_topk_prob", False))),
+    FixtureSpec("qwen3-moe-tiny", "Qwen3-30B-A3B: 4 routed experts top-2, norm_topk_prob, no shared expert, GQA, "
+                "q/k RMSNorm, head_dim 64 != hidden/heads, untied", 128, 384, 2, 4, 2, False,
+                model_type=qwen3_moe.FAMILY.model_types[0],
+                extra=(("head_dim", 64), ("num_experts", 4), ("num_experts_per_tok", 2), ("moe_intermediate_size", 128),
+                       ("norm_topk_prob", True), ("decoder_sparse_step", 1), ("mlp_only_layers", []))),
 )}
 DEFAULT_FIXTURE = "qwen2-tiny-tied"
 

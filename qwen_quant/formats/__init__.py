@@ -37,6 +37,10 @@ def load_dequantized(model_dir: str | Path, method: str, dtype: torch.dtype = to
             sd[f"{base}.weight"] = dequantize(parts, base, qc["bits"]).to(dtype)
         elif not name.endswith((".qzeros", ".scales", ".g_idx")):
             sd[name] = store.get(name).to(dtype)
+    from qwen_quant.models.registry import detect_family
+    from qwen_quant.quantize.moe import fuse_experts
+
+    sd = fuse_experts(sd, detect_family(raw), raw)  # per-expert on disk, fused in transformers 5's modules
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     missing = set(model.state_dict()) - set(sd)

@@ -24,6 +24,8 @@ class ScalePair:
     ``inspect``: the block whose output error the search minimises (None: the single linear);
     ``attention``: that block needs position embeddings; ``exact_with_gqa``: the fold is exact when
     K/V heads are shared (False for v -> o, whose outputs are repeated across heads).
+    ``also``: full-precision modules that read the same output (a MoE router, the shared-expert
+    gate): they get ``s`` folded in too, unquantized, or the fold into ``prev`` would change them.
     """
 
     prev: str
@@ -31,6 +33,7 @@ class ScalePair:
     inspect: str | None = None
     attention: bool = False
     exact_with_gqa: bool = True
+    also: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,10 +119,15 @@ class Family:
     hint: str = ""  # what to do when the family is recognised but not supported directly
 
     def layer_groups(self, config: dict, layer: int) -> tuple[tuple[str, ...], ...]:
-        """`linear_groups` of decoder layer ``layer``, every ``#`` expanded to the expert indices
-        (groups with no linear in this layer, such as the experts of a dense layer, drop out)."""
+        """`linear_groups` of decoder layer ``layer``; a group of expert templates (``#``) becomes one
+        group per expert, since each expert reads its own routed tokens (groups with no linear in this
+        layer, such as the experts of a dense layer, drop out)."""
         out = []
         for g in self.linear_groups:
+            if any("#" in n for n in g):
+                per = [self.expand(n, config, layer) for n in g]
+                out.extend(tuple(names) for names in zip(*per))
+                continue
             names = tuple(name for n in g for name in self.expand(n, config, layer))
             if names:
                 out.append(names)

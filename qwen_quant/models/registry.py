@@ -65,6 +65,7 @@ class ModelInfo:
     dtype: str
     params: int = 0
     quantization: dict[str, Any] = field(default_factory=dict)
+    experts: dict[str, Any] = field(default_factory=dict)  # Mixture-of-Experts layout; empty when dense
 
     @property
     def gqa(self) -> bool:
@@ -81,6 +82,10 @@ class ModelInfo:
         q.append(f"GQA {self.num_heads}:{self.num_kv_heads}" if self.gqa else "MHA")
         if self.intermediate_size % 1024:
             q.append(f"intermediate {self.intermediate_size} not a multiple of 1024")
+        if e := self.experts:
+            q.append(f"MoE: {e['routed']} experts of {e['intermediate']}, top-{e['top_k']}"
+                     + (f", shared expert of {e['shared_expert']} behind a sigmoid gate" if e["shared_expert"] else "")
+                     + (f", dense layers {e['dense_layers']}" if e["dense_layers"] else ""))
         return q
 
 
@@ -98,8 +103,20 @@ def model_info(config: dict[str, Any], model_dir: Path | str | None = None) -> M
         max_positions=config.get("max_position_embeddings", 32768), rope_theta=rope_theta_of(config),
         rms_norm_eps=config.get("rms_norm_eps", 1e-6), tied_embeddings=tied, qkv_bias=fam.qkv_bias, qk_norm=fam.qk_norm,
         dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"), params=params,
-        quantization=dict(config.get("quantization_config") or {}),
+        quantization=dict(config.get("quantization_config") or {}), experts=_experts(fam, config),
     )
+
+
+def _experts(fam: Family, config: dict[str, Any]) -> dict[str, Any]:
+    moe = fam.moe
+    if moe is None:
+        return {}
+    layers = range(config["num_hidden_layers"])
+    return {"routed": moe.num_experts(config), "top_k": config.get(moe.top_k_key), "intermediate": config.get(moe.intermediate_key),
+            "shared_expert": config.get(moe.shared_intermediate_key) if moe.shared_intermediate_key else None,
+            "sparse_layers": sum(moe.sparse(config, i) for i in layers),
+            "dense_layers": [i for i in layers if not moe.sparse(config, i)],
+            "full_precision": list(fam.full_precision)}
 
 
 def _params(fam: Family, config: dict[str, Any]) -> int:

@@ -178,7 +178,7 @@ def apply_scale(layer: torch.nn.Module, pair: ScalePair, s: torch.Tensor) -> Non
         prev.weight.data = (prev.weight.data.float() / sd).to(prev.weight.dtype)
     if getattr(prev, "bias", None) is not None:
         prev.bias.data[-s.numel():] = (prev.bias.data[-s.numel():].float() / sd).to(prev.bias.dtype)
-    for n in pair.linears:
+    for n in pair.linears + pair.also:
         lin = get_module(layer, n)
         lin.weight.data = (lin.weight.data.float() * sd).to(lin.weight.dtype)
 
@@ -229,9 +229,24 @@ def apply_clip(lin: torch.nn.Linear, max_val: torch.Tensor, grid: Grid) -> None:
 
 
 # -- one layer ----------------------------------------------------------------------------------
+def _expand(lw: Layerwise, p: ScalePair) -> list[ScalePair]:
+    """Real-name pairs of template pair ``p`` in the current layer: one per expert where ``prev`` is an
+    expert's linear, the experts' linears listed where only ``linears`` name them, none where the
+    layer lacks the modules (the dense MLP of a sparse layer, the experts of a dense one)."""
+    from dataclasses import replace
+
+    fam, cfg, i = lw.family, lw.config, lw.layer_index
+    prevs = fam.expand(p.prev, cfg, i)
+    if "#" in p.prev:
+        per = [fam.expand(n, cfg, i) for n in p.linears]
+        return [replace(p, prev=pv, linears=tuple(ls)) for pv, *ls in zip(prevs, *per)]
+    linears = tuple(n for t in p.linears for n in fam.expand(t, cfg, i))
+    return [replace(p, linears=linears)] if prevs and linears else []
+
+
 def _pairs(lw: Layerwise, layer: torch.nn.Module) -> list[ScalePair]:
     pairs = []
-    for p in lw.family.scale_pairs:
+    for p in (q for t in lw.family.scale_pairs for q in _expand(lw, t)):
         prev = get_module(layer, p.prev)
         first = get_module(layer, p.linears[0])
         if isinstance(prev, torch.nn.Linear) and prev.out_features != first.in_features:
@@ -252,20 +267,30 @@ def quantize_layer(lw: Layerwise, layer: torch.nn.Module, hidden: torch.Tensor, 
     names = [n for g in groups for n in g]
     source = {n: g[0] for g in groups for n in g}  # linears of one group share one input tensor
     pairs = _pairs(lw, layer)
+    pair_src = {}  # the captured input each pair's search reads
     for pair in pairs:
         src = source[pair.linears[0]]
-        if any(source[n] != src for n in pair.linears) or {n for n in names if source[n] == src} != set(pair.linears):
-            raise QuantError(f"AWQ scale pair {pair.linears} must cover exactly one group of linears sharing an input")
+        group_srcs = {source[n] for n in pair.linears}
+        if len(group_srcs) > 1 and pair.inspect:
+            # MoE: experts (and the shared expert) read routed parts of one normed input; the scale
+            # is searched on that input, the block's input, and shared by all of them
+            src = pair.inspect
+        elif len(group_srcs) > 1:
+            raise QuantError(f"AWQ scale pair {pair.linears} spans several inputs but names no block to inspect")
+        if {n for n in names if source[n] in group_srcs} != set(pair.linears):
+            raise QuantError(f"AWQ scale pair {pair.linears} must cover exactly the linears of its input")
+        pair_src[pair] = (src, group_srcs)
     # what each input is needed for: whole tensors only where a block (attention, MLP) is re-run;
     # a single linear's pair needs its Gram matrix and mean |x|; clipping and the error need a sample
-    full = {source[p.linears[0]] for p in pairs if p.inspect}
-    gram_src = {source[p.linears[0]] for p in pairs if not p.inspect}
-    srcs = [g[0] for g in groups]
+    full = {pair_src[p][0] for p in pairs if p.inspect}
+    gram_src = {pair_src[p][0] for p in pairs if not p.inspect}
+    lin_srcs = [g[0] for g in groups]
+    srcs = lin_srcs + sorted(full - set(lin_srcs))
     feats: dict[str, list[torch.Tensor]] = {n: [] for n in full}
     grams = {n: Hessian(get_module(layer, n).in_features, lw.device) for n in gram_src}
     abs_sum = {n: 0 for n in gram_src}
-    samples: dict[str, list[torch.Tensor]] = {n: [] for n in srcs}
-    offset = dict.fromkeys(srcs, 0)
+    samples: dict[str, list[torch.Tensor]] = {n: [] for n in lin_srcs}
+    offset = dict.fromkeys(lin_srcs, 0)
     step = max(1, hidden.shape[0] * hidden.shape[1] // opts["clip_tokens"])  # AutoAWQ's n_sample_token
 
     def keep(n: str, x: torch.Tensor) -> None:
@@ -275,26 +300,30 @@ def quantize_layer(lw: Layerwise, layer: torch.nn.Module, hidden: torch.Tensor, 
         if n in grams:
             grams[n].add(flat)
             abs_sum[n] = abs_sum[n] + flat.abs().float().sum(0)
-        samples[n].append(flat[(-offset[n]) % step::step].clone())  # every step-th token of the stream
-        offset[n] += flat.shape[0]
+        if n in samples:
+            samples[n].append(flat[(-offset[n]) % step::step].clone())  # every step-th token of the stream
+            offset[n] += flat.shape[0]
 
     lw.capture(layer, srcs, keep, hidden)
     inputs = feats  # lists of captured batches (a concatenated copy would double their memory)
-    sample = {n: torch.cat(v) for n, v in samples.items()}
+    sample = {n: torch.cat(v) if v else torch.zeros(0, get_module(layer, n).in_features, device=lw.device, dtype=lw.dtype)
+              for n, v in samples.items()}  # an expert no token was routed to has an empty sample
     del samples
-    tokens = hidden.shape[0] * hidden.shape[1]
 
     for pair in pairs:
-        src = source[pair.linears[0]]
+        src, group_srcs = pair_src[pair]
         if src in grams:
+            if not grams[src].n:  # an expert no calibration token reached: nothing to weigh, no scale
+                continue
             s = search_scale(lw, layer, pair, None, grid, opts["n_grid"], opts["duo_scaling"], gram=grams[src].S,
-                             x_mean=abs_sum[src] / tokens, tokens=tokens)
+                             x_mean=abs_sum[src] / grams[src].n, tokens=grams[src].n)
             del grams[src]
         else:
             s = search_scale(lw, layer, pair, inputs.pop(src), grid, opts["n_grid"], opts["duo_scaling"])
         apply_scale(layer, pair, s)
-        x = sample[src]  # the scaled linears now see x / s (rounded to the activation dtype, as they would)
-        sample[src] = (x.float() / s.to(x.device)).to(x.dtype)
+        for g in group_srcs:  # the scaled linears now see x / s (rounded to the activation dtype, as they would)
+            x = sample[g]
+            sample[g] = (x.float() / s.to(x.device)).to(x.dtype)
     del inputs, grams
     sample = {n: x.float() for n, x in sample.items()}
 
@@ -303,7 +332,7 @@ def quantize_layer(lw: Layerwise, layer: torch.nn.Module, hidden: torch.Tensor, 
         lin = get_module(layer, n)
         scaled = lin.weight.data.float().clone()
         x = sample[source[n]]
-        if opts["clip"] and not n.endswith(NO_CLIP):
+        if opts["clip"] and not n.endswith(NO_CLIP) and x.shape[0]:
             apply_clip(lin, search_clip(lin.weight.data, x, grid, opts["n_grid"], opts["max_shrink"]), grid)
         r = awq_rtn(lin.weight.data, grid)
         dq = r.dequant()

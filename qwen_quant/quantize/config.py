@@ -39,6 +39,10 @@ class QuantConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     batch_size: int = 4
     phases: bool = False  # time each layer's phases (waits for the device at every mark)
+    # Mixture-of-Experts calibration: "routed" (each expert's statistics from the tokens routed to it)
+    # or "all" (every token through every expert; the layer's output still uses the routed ones)
+    moe_calibrate: str = "routed"
+    moe_min_tokens: int = 32  # an expert routed fewer calibration tokens falls back to round-to-nearest
 
     def check(self) -> None:
         if type(self) is QuantConfig or self.method not in FORMATS:
@@ -49,6 +53,10 @@ class QuantConfig:
             raise QuantError(f"--group-size {self.group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
         if self.format not in FORMATS[self.method]:
             raise QuantError(f"--format {self.format} is not available for {self.method}; use one of {', '.join(FORMATS[self.method])}")
+        if self.moe_calibrate not in ("routed", "all"):
+            raise QuantError(f"--moe-calibrate {self.moe_calibrate!r} is not known; use routed or all")
+        if self.moe_min_tokens < 0:
+            raise QuantError(f"--moe-min-tokens {self.moe_min_tokens} must be 0 or more")
         if self.format == "compressed-tensors" and self.bits not in (4, 8):
             raise QuantError("compressed-tensors output is written for 4 or 8 bits (W4A16/W8A16); use --format gptq for other widths")
 

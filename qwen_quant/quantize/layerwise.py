@@ -47,6 +47,9 @@ class Layerwise:
         self.hf_config = cfg
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=self.dtype)
+        from qwen_quant.quantize import moe
+
+        moe.install(self.skeleton, self.family, cfg)  # per-expert linears in place of fused experts
         self.layers = get_module(self.skeleton, self.family.layers_path)
         self.rotary = type(get_module(self.skeleton, self.family.rotary_path))(config=cfg).to(self.device)
 

@@ -19,6 +19,7 @@ from qwen_quant.quantize.config import AWQConfig, GPTQConfig, QuantConfig, RTNCo
 from qwen_quant.quantize.gptq import Hessian, gptq_quantize, split_rows
 from qwen_quant.quantize.grid import Grid, QuantResult, rtn_quantize
 from qwen_quant.quantize.layerwise import Layerwise, get_module
+from qwen_quant.quantize import moe
 from qwen_quant.report import Report
 
 
@@ -66,11 +67,16 @@ class _GroupQuantizer:
     def quantize_layer(self, lw: Layerwise, layer, hidden, layer_index: int) -> dict[str, QuantResult]:
         # true-sequential: each group's inputs are recaptured after the earlier groups were
         # quantized (4 capture passes); otherwise one pass captures every linear's input
+        # (a MoE layer's experts are one pass: each expert's linears are their own group)
         groups = lw.family.layer_groups(lw.config, layer_index)
-        passes = [(g,) for g in groups] if self.cfg.true_sequential else [groups]
+        passes = moe.passes(groups) if self.cfg.true_sequential else [groups]
         results: dict[str, QuantResult] = {}
         for gs in passes:
-            results.update(quantize_groups(lw, layer, gs, hidden, self.solve))
+            plain, experts = moe.split_experts(lw.family, gs)
+            if plain:
+                results.update(quantize_groups(lw, layer, plain, hidden, self.solve))
+            if experts:
+                results.update(moe.quantize_experts(lw, layer, experts, hidden, self))
         return results
 
 
@@ -80,6 +86,16 @@ class GPTQQuantizer(_GroupQuantizer):
         W = torch.cat([lin.weight.data for lin in lins]) if len(lins) > 1 else lins[0].weight.data
         r = gptq_quantize(W, H, self.grid, damp=self.cfg.damp, desc_act=self.cfg.desc_act, own_hessian=True)
         return split_rows(r, [lin.out_features for lin in lins])
+
+    def solve_batched(self, lins_per_expert, H):
+        """Experts of one MoE layer in one batched solve (``H`` [E, K, K]); None where it cannot be."""
+        if self.cfg.desc_act:
+            return None
+        from qwen_quant.quantize.gptq_batched import gptq_quantize_batched
+
+        W = torch.stack([torch.cat([lin.weight.data for lin in lins]) for lins in lins_per_expert])
+        rs = gptq_quantize_batched(W, H, self.grid, damp=self.cfg.damp)
+        return [split_rows(r, [lin.out_features for lin in lins]) for r, lins in zip(rs, lins_per_expert)]
 
 
 class RTNQuantizer(_GroupQuantizer):
@@ -121,7 +137,7 @@ def _packer(cfg: QuantConfig, out_dtype: torch.dtype):
     return lambda name, r, bias: ct.pack(name, r.to("cpu"), None if bias is None else bias.cpu(), out_dtype)
 
 
-def _format_config(cfg: QuantConfig) -> dict:
+def _format_config(cfg: QuantConfig, fam=None) -> dict:
     if cfg.format == "gptq":
         from qwen_quant.formats.gptq import quantization_config
 
@@ -133,7 +149,7 @@ def _format_config(cfg: QuantConfig) -> dict:
         return quantization_config(cfg.bits, cfg.group_size, not cfg.sym)
     from qwen_quant.formats.ct import quantization_config
 
-    return quantization_config(cfg.bits, cfg.group_size, cfg.sym, ["lm_head"])
+    return quantization_config(cfg.bits, cfg.group_size, cfg.sym, ["lm_head", *moe.full_precision_patterns(fam)])
 
 
 def _dir_size(p: Path) -> int:
@@ -222,6 +238,8 @@ def quantize_model(cfg: QuantConfig, on_layer: Callable[[str, dict], None] | Non
     lw = Layerwise(str(src), hf, fam, device=device, dtype=compute, intermediate_pad=pad, batch_size=cfg.batch_size)
     writer = BackgroundWriter(CheckpointWriter(out, force=cfg.force))  # writes overlap the next layer
     pack = _packer(cfg, out_dtype)
+    moe.set_calibrate(lw.skeleton, cfg.moe_calibrate)
+    expert_tokens: dict[str, list[int]] = {}
     per_layer = []
     mark("skeleton")
     try:
@@ -245,7 +263,9 @@ def quantize_model(cfg: QuantConfig, on_layer: Callable[[str, dict], None] | Non
                 phase("load")
                 results = quantizer.quantize_layer(lw, layer, hidden, i)
                 phase("quantize")
+                moe.routed_counts(layer)  # reset: the propagating forward routes the tokens once
                 hidden = lw.forward(layer, hidden, in_place=True)
+                expert_tokens.update({f"{path}.{k}": v for k, v in moe.routed_counts(layer).items()})
                 phase("forward")
                 tensors = {}
                 for name, mod in layer.named_modules():
@@ -277,7 +297,9 @@ def quantize_model(cfg: QuantConfig, on_layer: Callable[[str, dict], None] | Non
         if pad:
             key = fam.padding[0].key
             new_cfg[key] = hf[key] + pad
-        new_cfg["quantization_config"] = _format_config(cfg)
+        new_cfg["quantization_config"] = _format_config(cfg, fam)
+        if fam.full_precision and cfg.format in ("gptq", "awq"):  # router and shared-expert gate unquantized
+            new_cfg["quantization_config"]["modules_to_not_convert"] = ["lm_head", *fam.full_precision]
         new_cfg["dtype"] = new_cfg["torch_dtype"] = str(out_dtype).replace("torch.", "")
         t_drain = time.perf_counter()
         writer.finish(new_cfg, src)
@@ -301,6 +323,8 @@ def quantize_model(cfg: QuantConfig, on_layer: Callable[[str, dict], None] | Non
         "peak_gpu_bytes": peak_gpu, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "layers": per_layer,
     }
+    if fam.moe:
+        summary["moe"] = moe.summary(cfg, fam, expert_tokens, quantizer)
     (out / "qwen-quant-quantize.json").write_text(json.dumps(summary, indent=2))
     report = Report(extra={"quantize": summary})
     if cfg.validate:

@@ -39,11 +39,12 @@ def linear_shapes(c: dict) -> dict[str, tuple[int, int]]:
 
 
 # One scale per input channel of the normed MLP input: every expert and the shared expert read it,
-# so they share the post_attention_layernorm scale (the fold into the norm is exact only then).
+# so they share the post_attention_layernorm scale (the fold into the norm is exact only then); the
+# router and the shared-expert gate read it too and take the scale unquantized.
 MLP_PAIRS = (
     ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
     ScalePair("mlp.up_proj", ("mlp.down_proj",)),
-    ScalePair("post_attention_layernorm", EXPERT_IN + SHARED_IN, "mlp"),
+    ScalePair("post_attention_layernorm", EXPERT_IN + SHARED_IN, "mlp", also=("mlp.gate", "mlp.shared_expert_gate")),
     ScalePair("mlp.experts.#.up_proj", ("mlp.experts.#.down_proj",)),
     ScalePair("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",)),
 )

@@ -17,7 +17,7 @@ MOE = MoE(sparse=qwen2_moe.sparse_layer)
 MLP_PAIRS = (
     ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
     ScalePair("mlp.up_proj", ("mlp.down_proj",)),
-    ScalePair("post_attention_layernorm", EXPERT_IN, "mlp"),
+    ScalePair("post_attention_layernorm", EXPERT_IN, "mlp", also=("mlp.gate",)),
     ScalePair("mlp.experts.#.up_proj", ("mlp.experts.#.down_proj",)),
 )
 
