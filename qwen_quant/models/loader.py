@@ -61,7 +61,7 @@ def check_model(path: str | Path) -> tuple[Path, dict[str, Any], QwenFamily]:
     if fam.supported and any(p.glob("*.safetensors")):
         from qwen_quant.formats.integrity import check_checkpoint
 
-        check_checkpoint(p, cfg, fam)  # truncated shards, config contradicting tensors: one line, exit 2
+        check_checkpoint(p, fam.text(cfg), fam)  # truncated shards, config contradicting tensors: one line, exit 2
     return p, cfg, fam
 
 
