@@ -37,19 +37,23 @@ def load_dequantized(model_dir: str | Path, method: str, dtype: torch.dtype = to
             sd[f"{base}.weight"] = dequantize(parts, base, qc["bits"]).to(dtype)
         elif not name.endswith((".qzeros", ".scales", ".g_idx")):
             sd[name] = store.get(name).to(dtype)
-    with torch.device("meta"):
+    from qwen_quant.models.registry import detect_family
+
+    fam = detect_family(raw)
+    with torch.device("meta"):  # a multimodal checkpoint gives its text model (the vision tower is not read)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    sd = {fam.module_path(k): v for k, v in sd.items()}
+    keys = set(model.state_dict())
+    sd = {k: v for k, v in sd.items() if k in keys}
     missing = set(model.state_dict()) - set(sd)
-    if cfg.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         missing.discard("lm_head.weight")
     if missing:
         raise RuntimeError(f"{model_dir}: tensors missing after unpacking: {sorted(missing)[:5]}")
     model.load_state_dict(sd, strict=False, assign=True)
-    from qwen_quant.models.registry import detect_family
-
-    parent, _, attr = detect_family(raw).rotary_path.rpartition(".")
+    parent, _, attr = fam.module_path(fam.rotary_path).rpartition(".")
     owner = model.get_submodule(parent)
-    setattr(owner, attr, type(getattr(owner, attr))(config=cfg))  # non-persistent buffers, not in the file
-    if cfg.tie_word_embeddings:
+    setattr(owner, attr, type(getattr(owner, attr))(config=model.config))  # non-persistent buffers, not in the file
+    if model.config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()

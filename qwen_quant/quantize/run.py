@@ -121,7 +121,29 @@ def _packer(cfg: QuantConfig, out_dtype: torch.dtype):
     return lambda name, r, bias: ct.pack(name, r.to("cpu"), None if bias is None else bias.cpu(), out_dtype)
 
 
-def _format_config(cfg: QuantConfig) -> dict:
+def _check_experts(fam, hf: dict) -> None:
+    """Refuse, in one line, a checkpoint with expert layers while this driver has no expert support."""
+    if fam.moe is None or not any(fam.moe.sparse(hf, i) for i in range(hf.get("num_hidden_layers", 0))):
+        return
+    try:
+        import qwen_quant.quantize.moe  # noqa: F401  (per-expert linears for the layer driver)
+    except ImportError:
+        raise QuantError(f"{fam.description}: quantizing the experts of its Mixture-of-Experts layers is not built in this "
+                         "version; only checkpoints whose layers are all dense (num_experts 0) are taken") from None
+
+
+def _ignored(fam, hf: dict) -> list[str]:
+    """Modules a compressed-tensors config must name as not quantized: lm_head, the family's
+    full-precision linears (routers, gates, in_proj_b/a) and everything outside the text model."""
+    import re
+
+    out = ["lm_head"] + [f"re:.*{re.escape('.' + n)}$" for n in fam.full_precision]
+    if fam.checkpoint_prefix:  # vision tower, MTP: every module not under the text model
+        out.append(f"re:^(?!{re.escape(fam.checkpoint_prefix[0])}).*")
+    return out
+
+
+def _format_config(cfg: QuantConfig, ignore: list[str] | None = None) -> dict:
     if cfg.format == "gptq":
         from qwen_quant.formats.gptq import quantization_config
 
@@ -133,7 +155,7 @@ def _format_config(cfg: QuantConfig) -> dict:
         return quantization_config(cfg.bits, cfg.group_size, not cfg.sym)
     from qwen_quant.formats.ct import quantization_config
 
-    return quantization_config(cfg.bits, cfg.group_size, cfg.sym, ["lm_head"])
+    return quantization_config(cfg.bits, cfg.group_size, cfg.sym, ignore or ["lm_head"])
 
 
 def _dir_size(p: Path) -> int:
@@ -184,7 +206,9 @@ def quantize_model(cfg: QuantConfig, on_layer: Callable[[str, dict], None] | Non
         t_setup = now
 
     cfg.check()
-    src, hf, fam = check_model(cfg.model)
+    src, raw_hf, fam = check_model(cfg.model)
+    hf = fam.text(raw_hf)  # the text model's config (a multimodal checkpoint nests it)
+    _check_experts(fam, hf)
     mark("check_model")
     out = Path(cfg.output)
     if out.exists() and not cfg.force:
@@ -273,11 +297,12 @@ def quantize_model(cfg: QuantConfig, on_layer: Callable[[str, dict], None] | Non
         writer.add({k: v.to(out_dtype) for k, v in lw.raw(fam.norm_path).items()})
         if not hf.get("tie_word_embeddings", False):
             writer.add({k: v.to(out_dtype) for k, v in lw.raw(fam.lm_head_path).items()})
-        new_cfg = dict(hf)
+        writer.add(lw.carried((fam.embed_path, fam.layers_path, fam.norm_path, fam.lm_head_path)))
+        new_cfg = dict(raw_hf)
         if pad:
             key = fam.padding[0].key
             new_cfg[key] = hf[key] + pad
-        new_cfg["quantization_config"] = _format_config(cfg)
+        new_cfg["quantization_config"] = _format_config(cfg, _ignored(fam, hf))
         new_cfg["dtype"] = new_cfg["torch_dtype"] = str(out_dtype).replace("torch.", "")
         t_drain = time.perf_counter()
         writer.finish(new_cfg, src)
