@@ -51,6 +51,15 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise QuantError(f"{path / 'config.json'} is not valid JSON ({err}); fix or re-download the checkpoint") from None
 
 
+def load_text_config(path: str | Path) -> dict[str, Any]:
+    """config.json of the text model: the file itself, or its ``text_config`` in a multimodal checkpoint."""
+    cfg = load_config(path)
+    try:
+        return detect_family(cfg).text(cfg)
+    except QuantError:
+        return cfg
+
+
 def check_model(path: str | Path) -> tuple[Path, dict[str, Any], QwenFamily]:
     """Resolve, read config and recognise the family; raises QuantError on anything unusable."""
     p = resolve_model(path)
