@@ -36,8 +36,8 @@ LINEAR_ATTENTION = (("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"), ("line
 LINEAR_FULL_PRECISION = ("linear_attn.in_proj_b", "linear_attn.in_proj_a")
 GGUF_HINT = ("GGUF export of the hybrid linear-attention Qwen families is not built yet; "
              "convert the original checkpoint with llama.cpp's convert_hf_to_gguf.py (llama.cpp with the {arch} architecture)")
-ONNX_HINT = ("onnxruntime-genai's model builder has no Gated DeltaNet (linear-attention) layer, so this family "
-             "has no ONNX export; use a GPTQ/AWQ checkpoint (vLLM, transformers) instead")
+ONNX_HINT = ("onnxruntime-genai's model builder has no Gated DeltaNet (linear-attention) layer; "
+             "serve a GPTQ/AWQ checkpoint with vLLM or transformers instead")
 
 
 def gated_attention_shapes(c: dict) -> dict[str, tuple[int, int]]:
