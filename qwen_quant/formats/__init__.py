@@ -14,14 +14,16 @@ def load_dequantized(model_dir: str | Path, method: str, dtype: torch.dtype = to
     """
     import json
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from qwen_quant.formats.checkpoint import WeightStore
 
     model_dir = Path(model_dir)
     raw = json.loads((model_dir / "config.json").read_text())
     qc = raw["quantization_config"]
-    cfg = AutoConfig.from_pretrained(str(model_dir))
+    from qwen_quant.models.loader import hf_text_config
+
+    cfg = hf_text_config(model_dir)  # a multimodal checkpoint: its text model
     cfg.quantization_config = None
     del cfg.quantization_config
     if method == "gptq":

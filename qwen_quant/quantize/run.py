@@ -132,15 +132,16 @@ def _check_experts(fam, hf: dict) -> None:
                          "version; only checkpoints whose layers are all dense (num_experts 0) are taken") from None
 
 
-def _ignored(fam, hf: dict) -> list[str]:
+def _ignored(fam, carried: dict) -> list[str]:
     """Modules a compressed-tensors config must name as not quantized: lm_head, the family's
-    full-precision linears (routers, gates, in_proj_b/a) and everything outside the text model."""
+    full-precision linears (routers, gates, in_proj_b/a) and the top modules of every tensor carried
+    through outside the text model (``model.visual``, ``mtp``). Named by their own prefixes, so the
+    patterns hold under either the multimodal class's or the text class's module names."""
     import re
 
     out = ["lm_head"] + [f"re:.*{re.escape('.' + n)}$" for n in fam.full_precision]
-    if fam.checkpoint_prefix:  # vision tower, MTP: every module not under the text model
-        out.append(f"re:^(?!{re.escape(fam.checkpoint_prefix[0])}).*")
-    return out
+    tops = sorted({".".join(k.split(".")[:2]) if k.startswith("model.") else k.split(".")[0] for k in carried})
+    return out + [f"re:^{re.escape(t)}\\..*" for t in tops]
 
 
 def _format_config(cfg: QuantConfig, ignore: list[str] | None = None) -> dict:
@@ -297,12 +298,13 @@ def quantize_model(cfg: QuantConfig, on_layer: Callable[[str, dict], None] | Non
         writer.add({k: v.to(out_dtype) for k, v in lw.raw(fam.norm_path).items()})
         if not hf.get("tie_word_embeddings", False):
             writer.add({k: v.to(out_dtype) for k, v in lw.raw(fam.lm_head_path).items()})
-        writer.add(lw.carried((fam.embed_path, fam.layers_path, fam.norm_path, fam.lm_head_path)))
+        carried = lw.carried((fam.embed_path, fam.layers_path, fam.norm_path, fam.lm_head_path))
+        writer.add(carried)
         new_cfg = dict(raw_hf)
         if pad:
             key = fam.padding[0].key
             new_cfg[key] = hf[key] + pad
-        new_cfg["quantization_config"] = _format_config(cfg, _ignored(fam, hf))
+        new_cfg["quantization_config"] = _format_config(cfg, _ignored(fam, carried))
         new_cfg["dtype"] = new_cfg["torch_dtype"] = str(out_dtype).replace("torch.", "")
         t_drain = time.perf_counter()
         writer.finish(new_cfg, src)
