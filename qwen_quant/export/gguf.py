@@ -52,8 +52,8 @@ def load_hparams(model_dir: Path) -> tuple[dict, object]:
 
     _, hparams, family = check_model(model_dir)
     if family.gguf is None:
-        raise QuantError(f"{model_dir}: the {family.name} family has no GGUF export here; use the HF checkpoint with "
-                         "vLLM or transformers instead")
+        raise QuantError(f"{model_dir}: " + (family.gguf_hint or f"the {family.name} family has no GGUF export here; use the "
+                                             "HF checkpoint with vLLM or transformers instead"))
     return hparams, family
 
 

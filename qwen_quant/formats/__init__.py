@@ -14,14 +14,16 @@ def load_dequantized(model_dir: str | Path, method: str, dtype: torch.dtype = to
     """
     import json
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from qwen_quant.formats.checkpoint import WeightStore
 
     model_dir = Path(model_dir)
     raw = json.loads((model_dir / "config.json").read_text())
     qc = raw["quantization_config"]
-    cfg = AutoConfig.from_pretrained(str(model_dir))
+    from qwen_quant.models.loader import hf_text_config
+
+    cfg = hf_text_config(model_dir)  # a multimodal checkpoint: its text model
     cfg.quantization_config = None
     del cfg.quantization_config
     if method == "gptq":
@@ -40,20 +42,22 @@ def load_dequantized(model_dir: str | Path, method: str, dtype: torch.dtype = to
     from qwen_quant.models.registry import detect_family
     from qwen_quant.quantize.moe import fuse_experts
 
-    sd = fuse_experts(sd, detect_family(raw), raw)  # per-expert on disk, fused in transformers 5's modules
-    with torch.device("meta"):
+    fam = detect_family(raw)
+    sd = fuse_experts(sd, fam, raw)  # per-expert on disk, fused in transformers 5's modules
+    with torch.device("meta"):  # a multimodal checkpoint gives its text model (the vision tower is not read)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    sd = {fam.module_path(k): v for k, v in sd.items()}
+    keys = set(model.state_dict())
+    sd = {k: v for k, v in sd.items() if k in keys}
     missing = set(model.state_dict()) - set(sd)
-    if cfg.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         missing.discard("lm_head.weight")
     if missing:
         raise RuntimeError(f"{model_dir}: tensors missing after unpacking: {sorted(missing)[:5]}")
     model.load_state_dict(sd, strict=False, assign=True)
-    from qwen_quant.models.registry import detect_family
-
-    parent, _, attr = detect_family(raw).rotary_path.rpartition(".")
+    parent, _, attr = fam.module_path(fam.rotary_path).rpartition(".")
     owner = model.get_submodule(parent)
-    setattr(owner, attr, type(getattr(owner, attr))(config=cfg))  # non-persistent buffers, not in the file
-    if cfg.tie_word_embeddings:
+    setattr(owner, attr, type(getattr(owner, attr))(config=model.config))  # non-persistent buffers, not in the file
+    if model.config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()

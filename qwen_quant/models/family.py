@@ -117,6 +117,56 @@ class Family:
     onnx_hint: str = ""
     supported: bool = True
     hint: str = ""  # what to do when the family is recognised but not supported directly
+    # Hybrid families: (layer type from config ``layer_types``, the token-mixer module of that type).
+    # A linear whose first name part is one of these modules exists only in layers of its type.
+    mixers: tuple[tuple[str, str], ...] = ()
+    full_attention_interval: int = 4  # when config.json has no layer_types (every n-th layer is full attention)
+    # RMSNorm computes x * (1 + weight) (zero-centred weight): AWQ folds 1/s as (1 + w) / s - 1.
+    norm_offset: float = 0.0
+    # Multimodal checkpoints: the text model's config sits under this key of config.json, and its
+    # tensors under ``checkpoint_prefix[0]`` on disk where the text model class has ``checkpoint_prefix[1]``.
+    text_config_key: str | None = None
+    checkpoint_prefix: tuple[str, str] | None = None
+    # Where quantization says the GGUF / ONNX exporters cannot go (one line each; "" where they can).
+    gguf_hint: str = ""
+
+    def text(self, config: dict) -> dict:
+        """The text model's config: config.json itself, or its ``text_config`` with the top-level keys
+        a multimodal config keeps for the whole model (tied embeddings, the quantization config) laid over it."""
+        if not self.text_config_key or self.text_config_key not in config:
+            return config
+        inner = dict(config[self.text_config_key])
+        for key in ("tie_word_embeddings", "quantization_config"):
+            if key in config:
+                inner[key] = config[key]
+        return inner
+
+    def module_path(self, name: str) -> str:
+        """The text model class's name for checkpoint name ``name`` (they differ in multimodal checkpoints)."""
+        if self.checkpoint_prefix and name.startswith(self.checkpoint_prefix[0]):
+            return self.checkpoint_prefix[1] + name[len(self.checkpoint_prefix[0]):]
+        return name
+
+    def layer_type(self, config: dict, layer: int) -> str | None:
+        """``linear_attention`` / ``full_attention`` in a hybrid family (None elsewhere), as transformers'
+        decoder layer picks it: ``layer_types`` when config.json has it, else every
+        ``full_attention_interval``-th layer is full attention."""
+        if not self.mixers:
+            return None
+        types = config.get("layer_types")
+        if types:
+            return types[layer]
+        n = config.get("full_attention_interval") or self.full_attention_interval
+        return "full_attention" if (layer + 1) % n == 0 else "linear_attention"
+
+    def layer_mix(self, config: dict) -> dict[str, int]:
+        """How many decoder layers of each type (empty for families without layer types)."""
+        out: dict[str, int] = {}
+        for i in range(config.get("num_hidden_layers", 0)):
+            t = self.layer_type(config, i)
+            if t is not None:
+                out[t] = out.get(t, 0) + 1
+        return out
 
     def layer_groups(self, config: dict, layer: int) -> tuple[tuple[str, ...], ...]:
         """`linear_groups` of decoder layer ``layer``; a group of expert templates (``#``) becomes one
@@ -138,6 +188,11 @@ class Family:
 
         In a MoE family the experts (and the shared expert) exist only in sparse layers, and the other
         ``mlp.*`` linears (a dense MLP) only in the layers that stay dense."""
+        if self.mixers:
+            mixer = dict(self.mixers)
+            head = name.split(".", 1)[0]
+            if head in mixer.values() and mixer.get(self.layer_type(config, layer)) != head:
+                return []
         moe = self.moe
         if moe is None:
             return [name]

@@ -51,6 +51,36 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise QuantError(f"{path / 'config.json'} is not valid JSON ({err}); fix or re-download the checkpoint") from None
 
 
+def load_text_config(path: str | Path) -> dict[str, Any]:
+    """config.json of the text model: the file itself, or its ``text_config`` in a multimodal checkpoint."""
+    cfg = load_config(path)
+    try:
+        return detect_family(cfg).text(cfg)
+    except QuantError:
+        return cfg
+
+
+def hf_text_config(path: str | Path):
+    """transformers' config of the model `load_model` builds: the checkpoint's own, or in a
+    multimodal checkpoint its text config with the top-level ``tie_word_embeddings`` (transformers 5
+    reads the text config's own flag, False by default, and would leave a tied lm_head random)."""
+    from transformers import AutoConfig
+
+    raw = load_config(path)
+    cfg = AutoConfig.from_pretrained(str(resolve_model(path)))
+    try:
+        fam = detect_family(raw)
+    except QuantError:
+        return cfg
+    if not fam.text_config_key:
+        return cfg
+    text = cfg.get_text_config()
+    text.tie_word_embeddings = bool(raw.get("tie_word_embeddings", text.tie_word_embeddings))
+    if raw.get("quantization_config"):
+        text.quantization_config = raw["quantization_config"]
+    return text
+
+
 def check_model(path: str | Path) -> tuple[Path, dict[str, Any], QwenFamily]:
     """Resolve, read config and recognise the family; raises QuantError on anything unusable."""
     p = resolve_model(path)
@@ -61,7 +91,7 @@ def check_model(path: str | Path) -> tuple[Path, dict[str, Any], QwenFamily]:
     if fam.supported and any(p.glob("*.safetensors")):
         from qwen_quant.formats.integrity import check_checkpoint
 
-        check_checkpoint(p, cfg, fam)  # truncated shards, config contradicting tensors: one line, exit 2
+        check_checkpoint(p, fam.text(cfg), fam)  # truncated shards, config contradicting tensors: one line, exit 2
     return p, cfg, fam
 
 
@@ -122,5 +152,5 @@ def _load(p: Path, method: str | None, dt):
             from transformers import CompressedTensorsConfig
 
             kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dt, **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(p), config=hf_text_config(p), dtype=dt, **kw)
     return model

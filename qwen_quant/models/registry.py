@@ -66,6 +66,8 @@ class ModelInfo:
     params: int = 0
     quantization: dict[str, Any] = field(default_factory=dict)
     experts: dict[str, Any] = field(default_factory=dict)  # Mixture-of-Experts layout; empty when dense
+    layer_mix: dict[str, int] = field(default_factory=dict)  # hybrid families: layers per token-mixer type
+    full_precision: tuple[str, ...] = ()  # linears every quantized format keeps in full precision
 
     @property
     def gqa(self) -> bool:
@@ -86,15 +88,20 @@ class ModelInfo:
             q.append(f"MoE: {e['routed']} experts of {e['intermediate']}, top-{e['top_k']}"
                      + (f", shared expert of {e['shared_expert']} behind a sigmoid gate" if e["shared_expert"] else "")
                      + (f", dense layers {e['dense_layers']}" if e["dense_layers"] else ""))
+        if self.layer_mix:
+            q.append("layers: " + " + ".join(f"{n} {t.replace('_', ' ')}" for t, n in self.layer_mix.items()))
         return q
 
 
 def model_info(config: dict[str, Any], model_dir: Path | str | None = None) -> ModelInfo:
     fam = detect_family(config, model_dir)
+    quant = dict(config.get("quantization_config") or {})
+    config = fam.text(config)  # a multimodal checkpoint: its text model's sizes
     h, heads = config["hidden_size"], config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or h // heads
-    inter, layers, vocab = config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
+    inter = config.get("intermediate_size") or config.get("moe_intermediate_size") or 0
+    layers, vocab = config["num_hidden_layers"], config["vocab_size"]
     tied = bool(config.get("tie_word_embeddings", False))
     params = _params(fam, config) + vocab * h * (1 if tied else 2) + h
     return ModelInfo(
@@ -103,7 +110,7 @@ def model_info(config: dict[str, Any], model_dir: Path | str | None = None) -> M
         max_positions=config.get("max_position_embeddings", 32768), rope_theta=rope_theta_of(config),
         rms_norm_eps=config.get("rms_norm_eps", 1e-6), tied_embeddings=tied, qkv_bias=fam.qkv_bias, qk_norm=fam.qk_norm,
         dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"), params=params,
-        quantization=dict(config.get("quantization_config") or {}), experts=_experts(fam, config),
+        quantization=quant, experts=_experts(fam, config), layer_mix=fam.layer_mix(config), full_precision=fam.full_precision,
     )
 
 

@@ -45,13 +45,17 @@ class Layerwise:
         if self.intermediate_pad:
             setattr(cfg, pads[0].key, getattr(cfg, pads[0].key) + self.intermediate_pad)
         self.hf_config = cfg
-        with torch.device("meta"):
+        with torch.device("meta"):  # a multimodal checkpoint gives its text model here (no vision tower)
             self.skeleton = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=self.dtype)
         from qwen_quant.quantize import moe
 
         moe.install(self.skeleton, self.family, cfg)  # per-expert linears in place of fused experts
-        self.layers = get_module(self.skeleton, self.family.layers_path)
-        self.rotary = type(get_module(self.skeleton, self.family.rotary_path))(config=cfg).to(self.device)
+        self.layers = self._module(self.family.layers_path)
+        self.rotary = type(self._module(self.family.rotary_path))(config=self.skeleton.config).to(self.device)
+
+    def _module(self, path: str) -> torch.nn.Module:
+        """The skeleton's module for checkpoint path ``path`` (the family maps multimodal prefixes)."""
+        return get_module(self.skeleton, self.family.module_path(path + ".")[:-1])
 
     # -- weights -----------------------------------------------------------------------------
     def _tensor(self, name: str, store: WeightStore | None = None) -> torch.Tensor:
@@ -70,7 +74,7 @@ class Layerwise:
         Runs on the prefetch thread with its own store (safetensors handles are not shared)."""
         if not hasattr(self, "_bg_store"):
             self._bg_store = WeightStore(self.model_dir)
-        names = get_module(self.skeleton, path).state_dict()
+        names = self._module(path).state_dict()
         out = {k: self._tensor(f"{path}.{k}", self._bg_store).to(self.dtype) for k in names}
         if self.device.startswith("cuda"):
             out = {k: v.pin_memory() for k, v in out.items()}
@@ -86,7 +90,7 @@ class Layerwise:
 
     def load(self, path: str) -> torch.nn.Module:
         """Materialise module ``path`` (e.g. "model.layers.3") on the device (prefetched if started)."""
-        module = get_module(self.skeleton, path)
+        module = self._module(path)
         if path.startswith(self.family.layers_path + "."):
             self.layer_index = int(path.rsplit(".", 1)[1])  # which layer the family's module tree is asked for
         if hasattr(self, "_prefetcher"):
@@ -98,7 +102,7 @@ class Layerwise:
         return module
 
     def unload(self, path: str) -> None:
-        module = get_module(self.skeleton, path)
+        module = self._module(path)
         module.to_empty(device="meta")
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -106,6 +110,11 @@ class Layerwise:
     def raw(self, path: str) -> dict[str, torch.Tensor]:
         """Tensors under ``path`` as stored (for copying non-quantized parts)."""
         return {k: self._tensor(k) for k in self.store.names(path + ".")} if path else {}
+
+    def carried(self, written: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Every stored tensor outside the prefixes in ``written``, exactly as stored: a multimodal
+        checkpoint's vision tower, multi-token-prediction weights (carried through byte for byte)."""
+        return {k: self.store.get(k) for k in self.store.names() if not k.startswith(tuple(p + "." for p in written))}
 
     # -- activations -------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -137,7 +137,28 @@ def _packer(cfg: QuantConfig, out_dtype: torch.dtype):
     return lambda name, r, bias: ct.pack(name, r.to("cpu"), None if bias is None else bias.cpu(), out_dtype)
 
 
-def _format_config(cfg: QuantConfig, fam=None) -> dict:
+def _check_experts(fam, hf: dict) -> None:
+    """Refuse, in one line, expert layers in a family with linear-attention layers: the per-expert
+    driver covers the MoE layers of qwen2_moe and qwen3_moe, not those of the hybrid families yet."""
+    if fam.moe is None or not fam.layer_mix(hf) or not any(fam.moe.sparse(hf, i) for i in range(hf.get("num_hidden_layers", 0))):
+        return
+    raise QuantError(f"{fam.description}: quantizing the experts of its Mixture-of-Experts layers is not built in this "
+                     "version; only checkpoints whose layers are all dense (num_experts 0) are taken")
+
+
+def _ignored(fam, carried: dict) -> list[str]:
+    """Modules a compressed-tensors config must name as not quantized: lm_head, the family's
+    full-precision linears (routers, gates, in_proj_b/a) and the top modules of every tensor carried
+    through outside the text model (``model.visual``, ``mtp``). Named by their own prefixes, so the
+    patterns hold under either the multimodal class's or the text class's module names."""
+    import re
+
+    out = ["lm_head"] + [f"re:.*{re.escape('.' + n)}$" for n in fam.full_precision]
+    tops = sorted({".".join(k.split(".")[:2]) if k.startswith("model.") else k.split(".")[0] for k in carried})
+    return out + [f"re:^{re.escape(t)}\\..*" for t in tops]
+
+
+def _format_config(cfg: QuantConfig, ignore: list[str] | None = None) -> dict:
     if cfg.format == "gptq":
         from qwen_quant.formats.gptq import quantization_config
 
@@ -149,7 +170,7 @@ def _format_config(cfg: QuantConfig, fam=None) -> dict:
         return quantization_config(cfg.bits, cfg.group_size, not cfg.sym)
     from qwen_quant.formats.ct import quantization_config
 
-    return quantization_config(cfg.bits, cfg.group_size, cfg.sym, ["lm_head", *moe.full_precision_patterns(fam)])
+    return quantization_config(cfg.bits, cfg.group_size, cfg.sym, ignore or ["lm_head"])
 
 
 def _dir_size(p: Path) -> int:
@@ -200,7 +221,9 @@ def quantize_model(cfg: QuantConfig, on_layer: Callable[[str, dict], None] | Non
         t_setup = now
 
     cfg.check()
-    src, hf, fam = check_model(cfg.model)
+    src, raw_hf, fam = check_model(cfg.model)
+    hf = fam.text(raw_hf)  # the text model's config (a multimodal checkpoint nests it)
+    _check_experts(fam, hf)
     mark("check_model")
     out = Path(cfg.output)
     if out.exists() and not cfg.force:
@@ -293,12 +316,14 @@ def quantize_model(cfg: QuantConfig, on_layer: Callable[[str, dict], None] | Non
         writer.add({k: v.to(out_dtype) for k, v in lw.raw(fam.norm_path).items()})
         if not hf.get("tie_word_embeddings", False):
             writer.add({k: v.to(out_dtype) for k, v in lw.raw(fam.lm_head_path).items()})
-        new_cfg = dict(hf)
+        carried = lw.carried((fam.embed_path, fam.layers_path, fam.norm_path, fam.lm_head_path))
+        writer.add(carried)
+        new_cfg = dict(raw_hf)
         if pad:
             key = fam.padding[0].key
             new_cfg[key] = hf[key] + pad
-        new_cfg["quantization_config"] = _format_config(cfg, fam)
-        if fam.full_precision and cfg.format in ("gptq", "awq"):  # router and shared-expert gate unquantized
+        new_cfg["quantization_config"] = _format_config(cfg, _ignored(fam, carried))
+        if fam.full_precision and cfg.format in ("gptq", "awq"):  # routers, gates, in_proj_b/a unquantized
             new_cfg["quantization_config"]["modules_to_not_convert"] = ["lm_head", *fam.full_precision]
         new_cfg["dtype"] = new_cfg["torch_dtype"] = str(out_dtype).replace("torch.", "")
         t_drain = time.perf_counter()

@@ -138,9 +138,9 @@ def tokenizer_for(artifact: str | Path, reference: str | Path | None = None, tok
 def context_limit(path: str | Path | None) -> int | None:
     if path is None or artifact_kind(path) != "hf":
         return None
-    from qwen_quant.models.loader import load_config
+    from qwen_quant.models.loader import load_text_config
 
-    return load_config(path).get("max_position_embeddings")
+    return load_text_config(path).get("max_position_embeddings")
 
 
 def artifact_record(artifact, kind_hint: str | None = None, type_: str | None = None) -> dict:
@@ -151,9 +151,9 @@ def artifact_record(artifact, kind_hint: str | None = None, type_: str | None = 
         size = p.stat().st_size if p.exists() else None
     fmt = kind_hint or artifact_kind(p)
     if fmt == "hf" and p.is_dir() and (p / "config.json").exists():
-        from qwen_quant.models.loader import load_config
+        from qwen_quant.models.loader import load_text_config
 
-        qc = load_config(p).get("quantization_config") or {}
+        qc = load_text_config(p).get("quantization_config") or {}
         fmt = qc.get("quant_method") or "hf"
         from qwen_quant.formats.fp8 import is_fp8, scheme_of
 
@@ -217,12 +217,12 @@ class References:
 
 def _work_bytes(cfg: EvalConfig, reference, device: str) -> int:
     """Activation memory of whole-model scoring: both models' logits of a batch plus metric temporaries."""
-    from qwen_quant.models.loader import load_config
+    from qwen_quant.models.loader import load_text_config
     from qwen_quant.validate.metrics import CHUNK_BYTES
 
-    c = load_config(reference)
+    c = load_text_config(reference)
     bs, keep = cfg.windows_per_batch(device), cfg.ctx - cfg.ctx // 2
-    return bs * keep * c["vocab_size"] * 2 * 2 + 4 * CHUNK_BYTES + bs * cfg.ctx * c["intermediate_size"] * 8 + 2**30
+    return bs * keep * c["vocab_size"] * 2 * 2 + 4 * CHUNK_BYTES + bs * cfg.ctx * (c.get("intermediate_size") or c.get("moe_intermediate_size") or 0) * 8 + 2**30
 
 
 def _streamable(artifact, reference, backend: str | None) -> bool:

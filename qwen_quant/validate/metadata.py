@@ -248,14 +248,14 @@ def metadata_parity(artifact, reference, data: str = "shipped", ref_tok=None, en
     ``engine``: what a serving engine parsed from the checkpoint (the vLLM backend's ``engine_view``:
     context length, rope, eps, bos/eos/pad ids); those values replace the ones read from the files.
     """
-    from qwen_quant.models.loader import load_config, load_tokenizer, resolve_model
+    from qwen_quant.models.loader import load_text_config, load_tokenizer, resolve_model
 
     p, ref = Path(artifact), resolve_model(reference)
     kind = artifact_kind(p)
     name = p.name
     paragraphs = eval_paragraphs(data)
     ref_tok = ref_tok or load_tokenizer(ref)
-    ref_cfg = load_config(ref)
+    ref_cfg = load_text_config(ref)
     view = VIEWS[kind](p, paragraphs)
     if engine and "error" not in engine:
         view["where"] = "what vLLM parsed (engine), tokenizer files"

@@ -165,9 +165,9 @@ def evaluate_streamed(artifact, reference, tokens: np.ndarray, cfg, device: str 
 
 def model_bytes(path, dtype_bytes: int = 2) -> int:
     """Bytes of ``path``'s weights when dense at ``dtype_bytes`` per parameter (from config.json)."""
-    from qwen_quant.models.loader import load_config
+    from qwen_quant.models.loader import load_text_config
 
-    c = load_config(path)
+    c = load_text_config(path)
     h, inter, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
     heads = c["num_attention_heads"]
     kv = c.get("num_key_value_heads") or heads
