@@ -73,7 +73,8 @@ def _tiny_layer(kv_heads: int):
     cos, sin = Qwen2RotaryEmbedding(cfg)(x, pos)
 
     class FakeLw:  # what search_scale / _pairs read from the layerwise driver
-        batch_size, pos_emb = 1, (cos, sin)
+        batch_size, pos_emb, layer_index = 1, (cos, sin), 0
+        config = cfg.to_dict()
         from qwen_quant.models import QWEN2 as family
 
     return layer, x, FakeLw()
