@@ -14,7 +14,13 @@ text. The reference is the torch fp32 model the variant was exported from (the d
 for the int4 rows, so their KL measures the runtime, not the quantization; ``kl_vs_fp32`` adds the distance
 to the full-precision model). Throughput: prefill tokens/s over one ``--prompt`` token pass (batch 1) and
 decode tokens/s over ``--decode`` greedy steps with the KV cache kept on the device through IOBinding.
-The torch rows run the same loops in transformers (fp32, and fp16 on CUDA).
+The torch rows run the same loops in transformers (fp32, and fp16 on CUDA). The onnxruntime rows run
+through the product's backend (`qwen_quant.backends.onnxrt`, IO binding, logits out through DLPack).
+
+CUDA EP vs CPU EP, per variant run on both: KL and top-1 between the two runtimes on the same export, and
+the verdict the llama.cpp CUDA bench uses (`bench/llamacpp_cuda.py`, `check_vs_exact`): both rows scored
+against exact float32 math, the CUDA row at most 3x the CPU row's KL (or the floor) and at most 5 points
+of top-1 lower. A failed verdict makes the script exit 1.
 
 The qwen2-7b shape has random weights (KL numbers then only compare runtimes) and ``--layers`` decoder
 layers (default 2) so the export fits in minutes; the per-layer MatMul shapes are the real model's.
@@ -118,60 +124,49 @@ def kl_top1(ref: np.ndarray, test: np.ndarray) -> tuple[float, float]:
 
 
 class OrtRunner:
-    """One onnxruntime session; teacher-forced logits and timed prefill/decode with the cache on the device."""
+    """The product's onnxruntime backend (IO binding, cache and logits on the session's device), timed."""
 
     def __init__(self, path: Path, provider: str):
-        import onnxruntime as ort
+        from qwen_quant.backends.onnxrt import OrtBackend
 
-        opts = ort.SessionOptions()
-        provs = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"] if provider == "cuda" \
-            else ["CPUExecutionProvider"]
-        self.sess = ort.InferenceSession(str(path / "model.onnx"), opts, providers=provs)
-        self.actual = self.sess.get_providers()[0]
-        self.device = "cuda" if provider == "cuda" else "cpu"
-        ins = {i.name: i for i in self.sess.get_inputs()}
-        self.past_names = [n for n in ins if n.startswith("past_key_values.")]
-        p = ins[self.past_names[0]]
-        self.kv_heads, self.head_dim = p.shape[1], p.shape[3]
-        self.kv_dtype = np.float16 if "float16" in p.type else np.float32
-        self.out_names = [o.name for o in self.sess.get_outputs()]
-
-    def _run(self, ids: np.ndarray, past_len: int, past):
-        """One step through IOBinding; ``past`` is a list of OrtValues (or None for an empty cache)."""
-        import onnxruntime as ort
-
-        b, t = ids.shape
-        io = self.sess.io_binding()
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", np.ones((b, past_len + t), np.int64))
-        io.bind_cpu_input("position_ids", np.arange(past_len, past_len + t, dtype=np.int64)[None].repeat(b, 0))
-        if past is None:
-            z = np.zeros((b, self.kv_heads, 0, self.head_dim), self.kv_dtype)
-            past = [ort.OrtValue.ortvalue_from_numpy(z, self.device, 0) for _ in self.past_names]
-        for name, v in zip(self.past_names, past):
-            io.bind_ortvalue_input(name, v)
-        io.bind_output("logits", "cpu")
-        for name in self.out_names[1:]:
-            io.bind_output(name, self.device)
-        self.sess.run_with_iobinding(io)
-        outs = io.get_outputs()
-        return outs[0].numpy(), list(outs[1:])
+        self.backend = OrtBackend(path, device="cuda" if provider == "cuda" else "cpu", chunk=1 << 20)
+        self.actual = self.backend.session.get_providers()[0]
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
-        return self._run(ids, 0, None)[0].astype(np.float32)
+        return self.backend.device_logits(ids).float().cpu().numpy()
 
     def timed(self, prompt: np.ndarray, n: int) -> tuple[float, float]:
-        self._run(prompt[:, :8], 0, None)  # warm-up: kernels, allocator
+        be = self.backend
+        one = lambda t: np.ones((1, t), np.int64)  # noqa: E731
+        be._bound_step(prompt[:, :8], one(8), np.arange(8)[None], None)  # warm-up: kernels, allocator
         t0 = time.perf_counter()
-        lg, past = self._run(prompt, 0, None)
+        lg, past = be._bound_step(prompt, one(prompt.shape[1]), np.arange(prompt.shape[1])[None], None)
+        tok = int(lg[0, -1].float().argmax())  # argmax on the device: this waits for the prefill
         t1 = time.perf_counter()
-        tok = np.asarray([[int(lg[0, -1].argmax())]], np.int64)
-        t2 = time.perf_counter()
-        for i in range(n):
-            lg, past = self._run(tok, prompt.shape[1] + i, past)
-            tok = np.asarray([[int(lg[0, -1].argmax())]], np.int64)
-        t3 = time.perf_counter()
-        return prompt.shape[1] / (t1 - t0), n / (t3 - t2)
+        t = prompt.shape[1]
+        for _ in range(n):
+            lg, past = be._bound_step(np.array([[tok]], np.int64), one(t + 1), np.array([[t]], np.int64), past)
+            tok = int(lg[0, -1].float().argmax())
+            t += 1
+        return prompt.shape[1] / (t1 - t0), n / (time.perf_counter() - t1)
+
+
+def ep_verdict(cuda: dict, cpu: dict, between: tuple[float, float]) -> dict:
+    """The CUDA EP row judged as the llama.cpp CUDA bench judges its row (`check_vs_exact`).
+
+    Both rows are scored against the same exact float32 torch model; the CUDA row may be at most 3x as
+    far in KL as the CPU row (or the floor) and lose at most 5 points of top-1 more.
+    """
+    sys.path.insert(0, str(ROOT / "bench"))
+    from llamacpp_cuda import EXACT_LIMITS, check_vs_exact
+
+    def row(r):
+        return {"kl_mean": r["kl"], "top1_agreement": r["top1"], "perplexity": 0.0 if np.isfinite(r["kl"]) else float("nan")}
+
+    why = check_vs_exact(row(cuda), row(cpu))
+    return {"variant": cuda["variant"], "cuda_vs_cpu_kl": between[0], "cuda_vs_cpu_top1": between[1],
+            "cuda_kl_vs_exact": cuda["kl"], "cpu_kl_vs_exact": cpu["kl"], "limits": EXACT_LIMITS,
+            "ok": not why, "failures": why}
 
 
 class TorchRunner:
@@ -247,7 +242,7 @@ def run(args) -> dict:
     ids = eval_ids(args.prompt, vocab)
 
     refs = {}
-    rows = []
+    rows, verdicts = [], []
 
     def ref_logits(which: Path) -> np.ndarray:
         if which not in refs:
@@ -268,9 +263,10 @@ def run(args) -> dict:
     for v in variants:
         base = gptq if v.startswith("int4") else src
         out = export(base, work / f"onnx-{v}", fp16=v.endswith("fp16"))
+        by_ep = {}
         for p in requested:
             r = OrtRunner(out, p)
-            lg = r.logits(ids)
+            lg = by_ep[p] = r.logits(ids)
             kl, top1 = kl_top1(ref_logits(base), lg)
             kl32 = kl if base == src else kl_top1(ref_logits(src), lg)[0]
             pre, dec = r.timed(ids, args.decode)
@@ -278,11 +274,17 @@ def run(args) -> dict:
                              prefill_tok_s=pre, decode_tok_s=dec))
             log(_line(rows[-1]))
             del r
+        if {"cuda", "cpu"} <= set(by_ep):
+            cu, cp = rows[-len(requested):][requested.index("cuda")], rows[-len(requested):][requested.index("cpu")]
+            verdicts.append(ep_verdict(cu, cp, kl_top1(by_ep["cpu"], by_ep["cuda"])))
+            log(f"{v}: CUDA EP vs CPU EP KL {verdicts[-1]['cuda_vs_cpu_kl']:.2e} top-1 {verdicts[-1]['cuda_vs_cpu_top1']:.4f}; "
+                f"verdict vs exact: {'ok' if verdicts[-1]['ok'] else '; '.join(verdicts[-1]['failures'])}")
     import onnxruntime as ort
 
     return {"shape": args.shape, "layers": args.layers if args.shape != "tiny" else 2, "model": str(src),
             "prompt_tokens": int(ids.shape[1]), "decode_tokens": args.decode, "onnxruntime": ort.__version__,
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if gpu else None, "rows": rows}
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if gpu else None, "rows": rows,
+            "cuda_vs_cpu": verdicts}
 
 
 def _line(r: dict) -> str:
@@ -296,7 +298,10 @@ def table(res: dict) -> str:
             "| variant | runs on | KL vs its torch model | top-1 | KL vs fp32 | prefill tok/s | decode tok/s |\n"
             "|---|---|---|---|---|---|---|\n")
     return head + "".join(f"| {r['variant']} | {r['provider']} | {r['kl']:.2e} | {r['top1']:.4f} | {r['kl_vs_fp32']:.2e} | "
-                          f"{r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} |\n" for r in res["rows"])
+                          f"{r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} |\n" for r in res["rows"]) + \
+        "".join(f"\n{v['variant']}: CUDA EP vs CPU EP KL {v['cuda_vs_cpu_kl']:.2e}, top-1 {v['cuda_vs_cpu_top1']:.4f}; "
+                f"verdict vs exact float32: {'ok' if v['ok'] else 'FAILED: ' + '; '.join(v['failures'])}\n"
+                for v in res.get("cuda_vs_cpu", []))
 
 
 def main(argv=None) -> int:
@@ -315,7 +320,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     print(table(res))
-    return 0
+    return 0 if all(v["ok"] for v in res.get("cuda_vs_cpu", [])) else 1
 
 
 if __name__ == "__main__":

@@ -91,6 +91,34 @@ def test_cache_equals_recompute(tied_onnx):
         assert diff < 1e-4, (chunk, diff)
 
 
+def test_io_binding_logits_equal_plain_run(tied_onnx):
+    """The IO-bound path (cache kept as OrtValues, logits out through DLPack) equals plain session.run."""
+    import torch
+
+    from qwen_quant.backends.onnxrt import OrtBackend
+
+    ids = _eval_ids(t=30)
+    ob = OrtBackend(tied_onnx, device="cpu", chunk=7)
+    plain = ob.logits(ids)
+    bound = ob.device_logits(ids)
+    assert isinstance(bound, torch.Tensor) and bound.device.type == "cpu" and bound.shape == plain.shape
+    assert float(np.abs(bound.float().numpy() - plain).max()) < 1e-5
+    tail = ob.device_logits(ids, keep=11)  # starts inside a chunk
+    assert tail.shape[1] == 11 and float(np.abs(tail.float().numpy() - plain[:, -11:]).max()) < 1e-5
+
+
+def test_cuda_ep_refused_without_onnxruntime_gpu(tied_onnx):
+    import onnxruntime as ort
+
+    from qwen_quant.backends.onnxrt import OrtBackend
+    from qwen_quant.errors import QuantError
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    with pytest.raises(QuantError, match="needs onnxruntime-gpu"):
+        OrtBackend(tied_onnx, device="cuda")
+
+
 def test_left_padding_matches_unpadded(tied_onnx):
     from qwen_quant.backends.onnxrt import OrtBackend
 
