@@ -73,6 +73,43 @@ def test_garbage_wrapper_is_the_gggg_failure():
     assert g.greedy_batch([[1, 2], [3]], 4) == [[38] * 4, [38] * 4]
 
 
+def test_replay_scores_against_exact_without_running_the_runtime_again():
+    """`evaluate` on a replayed row gives the metrics of the recorded run, and never calls the runtime."""
+    from qwen_quant.validate import EvalConfig, evaluate
+
+    bench = _bench()
+
+    class Runtime:  # a deterministic stand-in for a llama.cpp row, counting its calls
+        name, device, dtype, vocab_size, calls = "llama.cpp", "cpu", "q4_k_m", 50, 0
+
+        def device_logits(self, ids, keep=None):
+            self.calls += 1
+            g = torch.Generator().manual_seed(int(np.asarray(ids).sum()))
+            out = torch.randn(*np.asarray(ids).shape, self.vocab_size, generator=g)
+            return out if keep is None else out[:, -keep:]
+
+        def greedy(self, prompt, n):
+            self.calls += 1
+            return [int(x) % self.vocab_size for x in range(sum(prompt), sum(prompt) + n)]
+
+        def greedy_batch(self, prompts, n):
+            return [self.greedy(p, n) for p in prompts]
+
+    class Exact(Runtime):
+        name = "torch"
+
+    tokens = np.arange(400) % 50
+    cfg = EvalConfig(ctx=64, greedy_tokens=4)
+    prompts = [[1, 2, 3], [4, 5]]
+    rt = Runtime()
+    timed = bench.Timed(rt)
+    first = evaluate(timed, tokens, cfg, Exact(), prompts)
+    n = rt.calls
+    again = evaluate(bench.Replay(timed), tokens, cfg, Exact(), prompts)
+    assert rt.calls == n  # replayed: the runtime was not asked again
+    assert again["kl_mean"] == first["kl_mean"] and again["greedy_exact"] == first["greedy_exact"]
+
+
 @pytest.mark.slow
 def test_smoke_runs_and_injected_garbage_exits_1(tmp_path):
     """The eval half of the GPU bench on the CPU wheel: a tiny random GGUF, both rows, the report; then
