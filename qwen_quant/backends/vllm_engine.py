@@ -78,12 +78,13 @@ def _quant_method(path: Path) -> str | None:
 
 def pick_dtype(path: Path, dtype: str | None, device: str) -> str:
     """The compute dtype for vLLM, refusing float32 for quantized checkpoints as vLLM does."""
+    from qwen_quant.formats.table import detect
+
     q = _quant_method(path)
     if dtype in (None, "auto"):
-        if q in ("gptq", "awq"):
-            return "float16"
-        if q:
-            return "bfloat16"
+        fmt = detect(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+        if fmt is not None:
+            return fmt.vllm_dtype
         return "float32" if device == "cpu" else "bfloat16"
     dtype = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype)
     if dtype not in ("float16", "bfloat16", "float32"):

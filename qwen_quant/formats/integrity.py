@@ -77,15 +77,14 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[list[int], str]]:
     return out
 
 
-def _quant_args(cfg: dict) -> tuple[str | None, int, int]:
-    qc = cfg.get("quantization_config") or {}
-    method = qc.get("quant_method")
-    if method == "fp8":
-        return method, 8, int((qc.get("weight_block_size") or [128, 128])[1])
-    if method == "compressed-tensors":
-        w = next(iter((qc.get("config_groups") or {}).values()), {}).get("weights") or {}
-        return method, int(w.get("num_bits") or 8), int(w.get("group_size") or -1)
-    return method, int(qc.get("bits") or 16), int(qc.get("group_size") or -1)
+def _quant_args(cfg: dict, where: str = "config.json") -> tuple[str | None, int, int]:
+    """(format name, weight bits, group size) from the format table; (None, 16, -1) at full precision."""
+    from qwen_quant.formats.table import detect, quantization_config_of
+
+    fmt = detect(cfg, where)
+    if fmt is None:
+        return None, 16, -1
+    return (fmt.name, *fmt.bits_group(quantization_config_of(cfg)))
 
 
 def check_checkpoint(model_dir: str | Path, cfg: dict[str, Any], family) -> None:
@@ -120,7 +119,7 @@ def check_checkpoint(model_dir: str | Path, cfg: dict[str, Any], family) -> None
     if head in shapes and shapes[head][0][0] != cfg["vocab_size"]:
         raise bad(f"vocab_size {cfg['vocab_size']} disagrees with {head} ({shapes[head][0][0]} rows)",
                   "use the config of the model these weights came from")
-    method, bits, gs = _quant_args(cfg)
+    method, bits, gs = _quant_args(cfg, str(cj))
     if family.linear_shapes is None:
         return
     dims = family.linear_shapes(cfg)
