@@ -1,0 +1,98 @@
+"""Every command on qwen3, qwen2_moe and qwen3_moe, through the real console entry point, on tiny random
+checkpoints saved by transformers' own classes with each family's quirks:
+
+- qwen3: explicit head_dim 32 != hidden/heads (16), q/k RMSNorm, tied embeddings;
+- qwen2_moe: a shared expert behind ``shared_expert_gate``, q/k/v bias, and layer 0 dense through
+  ``mlp_only_layers`` (as Qwen2-MoE configs allow);
+- qwen3_moe: ``norm_topk_prob``, no shared expert, q/k RMSNorm, head_dim 32.
+
+``info``, ``gptq --bits 4`` (classic and compressed-tensors), ``awq``, ``export gguf --type
+q8_0,q4_k_m`` and ``eval`` of each artifact exit 0. llama.cpp's MoE architectures hold experts in
+every layer, so the qwen2_moe checkpoint with a dense layer is refused by ``export gguf`` in one line
+(exit 2) and its all-sparse twin (Qwen1.5-MoE-A2.7B's layout) is exported instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from moe_helpers import IDS, family_named, save_tiny
+
+QUANT = ("--bits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--no-validate", "-q")
+EVAL = ("--ctx", "64", "--max-tokens", "256", "--greedy-tokens", "4", "--device", "cpu", "-q")
+#: the quirk each checkpoint must carry (config.json overrides of moe_helpers.CONFIGS)
+VARIANTS = {"qwen3": {}, "qwen2_moe": {"mlp_only_layers": [0]}, "qwen3_moe": {}}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe-cli")
+    made = {}
+
+    def get(name: str, **overrides):
+        key = (name, json.dumps(overrides, sort_keys=True))
+        if key not in made:
+            made[key] = save_tiny(family_named(name), root / f"{name}-{len(made)}", **{**VARIANTS[name], **overrides})
+        return made[key]
+
+    return get
+
+
+def _eval(run_cli, art, ref, out):
+    code, _, err = run_cli("eval", art, "--reference", ref, *EVAL, "--json", out)
+    assert code == 0, err
+    res = json.loads(out.read_text())["results"][0]
+    m = res["metrics"]
+    assert math.isfinite(m["perplexity"]) and math.isfinite(m["kl_mean"]) and m["greedy_prompts"] > 0, m
+    assert res["metadata"]["ok"], [c for c in res["metadata"]["checks"] if not c["ok"]]
+    return res
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_info(run_cli, ckpt, name):
+    code, out, err = run_cli("info", ckpt(name), "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["family"] == name
+    cfg = json.loads((ckpt(name) / "config.json").read_text())
+    if name != "qwen2_moe":
+        assert info["qk_norm"] and info["head_dim"] == 32 and "head_dim 32 (not hidden/heads)" in info["quirks"]
+    else:
+        assert info["qkv_bias"] and cfg["mlp_only_layers"] == [0]
+    assert cfg["tie_word_embeddings"] == (name == "qwen3")
+
+
+@pytest.mark.parametrize("method,fmt", [("gptq", "gptq"), ("gptq", "compressed-tensors"), ("awq", "awq")],
+                         ids=["gptq", "gptq-ct", "awq"])
+@pytest.mark.parametrize("name", IDS)
+def test_quantize_then_eval(run_cli, ckpt, tmp_path, name, method, fmt):
+    src = ckpt(name)
+    out = tmp_path / "q"
+    code, _, err = run_cli(method, src, "-o", out, "--format", fmt, *QUANT)
+    assert code == 0, err
+    summary = json.loads((out / "qwen-quant-quantize.json").read_text())
+    if name != "qwen3":  # the experts were quantized one by one, each with its routed token count
+        assert list(summary["moe"]["routed_tokens"]) == ["model.layers.1.mlp.experts"] if name == "qwen2_moe" else \
+            list(summary["moe"]["routed_tokens"]) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    _eval(run_cli, out, src, tmp_path / "r.json")
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_export_gguf_then_eval(run_cli, ckpt, tmp_path, name):
+    pytest.importorskip("llama_cpp")
+    src = ckpt(name)
+    if name == "qwen2_moe":
+        code, _, err = run_cli("export", "gguf", src, "--type", "q8_0", "-o", tmp_path / "refused", "--no-validate", "-q")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "decoder layers [0] have no experts" in err, err
+        assert not list((tmp_path / "refused").glob("*.gguf")) if (tmp_path / "refused").exists() else True
+        src = ckpt(name, mlp_only_layers=[])
+    code, _, err = run_cli("export", "gguf", src, "--type", "q8_0,q4_k_m", "-o", tmp_path, "--no-validate", "-q")
+    assert code == 0, err
+    kl = {}
+    for t in ("q8_0", "q4_k_m"):
+        path = tmp_path / f"{src.name}-{t}.gguf"
+        kl[t] = _eval(run_cli, path, src, tmp_path / f"{t}.json")["metrics"]["kl_mean"]
+    assert kl["q8_0"] < kl["q4_k_m"], kl
