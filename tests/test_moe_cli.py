@@ -96,3 +96,28 @@ def test_export_gguf_then_eval(run_cli, ckpt, tmp_path, name):
         path = tmp_path / f"{src.name}-{t}.gguf"
         kl[t] = _eval(run_cli, path, src, tmp_path / f"{t}.json")["metrics"]["kl_mean"]
     assert kl["q8_0"] < kl["q4_k_m"], kl
+
+
+def test_expert_tokens_and_fallback_in_summary_and_report_table(run_cli, ckpt, tmp_path):
+    """The tokens routed to each expert and the experts rounded to nearest under --moe-min-tokens are in
+    qwen-quant-quantize.json, in the JSON report and in the table the command prints."""
+    src, out, min_tokens = ckpt("qwen3_moe"), tmp_path / "q", 128
+    code, stdout, err = run_cli("gptq", src, "-o", out, *QUANT, "--moe-min-tokens", str(min_tokens),
+                                "--json", tmp_path / "report.json")
+    assert code == 0, err
+    moe = json.loads((out / "qwen-quant-quantize.json").read_text())["moe"]
+    assert json.loads((tmp_path / "report.json").read_text())["extra"]["quantize"]["moe"] == moe
+    tokens = moe["routed_tokens"]
+    assert sorted(tokens) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert all(len(c) == 4 and sum(c) == 4 * 64 * 2 for c in tokens.values())  # every token to its top-2
+    low = {(layer, e) for layer, counts in tokens.items() for e, c in enumerate(counts) if c < min_tokens}
+    assert 0 < len(low) < 8, tokens  # the threshold splits the experts: both paths ran
+    assert sorted(moe["fallback_rtn"]) == sorted(f"{layer}.{e}.{p}" for layer, e in low
+                                                 for p in ("gate_proj", "up_proj", "down_proj"))
+    assert moe["min_tokens"] == min_tokens and moe["full_precision"] == ["mlp.gate"]
+    assert "routed calibration tokens per expert" in stdout
+    for layer, counts in tokens.items():
+        row = next(line for line in stdout.splitlines() if layer in line)
+        assert " ".join(map(str, counts)) in row
+        for e, c in enumerate(counts):
+            assert (f"{e} ({c})" in row) == ((layer, e) in low), row
