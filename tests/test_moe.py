@@ -102,3 +102,25 @@ def test_awq_fold_breaks_when_not_shared(tiny_moe, name, broken):
     s = torch.rand(64, generator=torch.Generator().manual_seed(1)) * 4 + 0.1
     awq.apply_scale(layer, pair, s)
     assert _rel(lw.forward(layer, hidden) - hidden, ref) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "qwen3_moe"])
+def test_outlier_transform_keeps_a_moe_model(tiny_moe, name):
+    """The hard MoE fixtures' transform (outlier channels after the norm all experts read, and inside
+    each expert, folded through the fused expert tensors) leaves the float logits unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from qwen_quant.faults.outliers import OutlierSpec, add_outliers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe(name), dtype=torch.float32).eval()
+    ids = torch.randint(0, 5000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        record = add_outliers(model, OutlierSpec())
+        out = model(ids).logits
+    after = {r["after"] for r in record["channels"] if r["layer"] == 1}
+    assert {"post_attention_layernorm", "mlp.experts.3.up_proj"} <= after
+    assert ("mlp.shared_expert.up_proj" in after) == (name == "qwen2_moe")
+    w = model.model.layers[1].post_attention_layernorm.weight
+    assert float(w.abs().max() / w.abs().median()) > 5  # the planted channels
+    assert _rel(out, ref) < 1e-4

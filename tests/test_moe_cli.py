@@ -24,7 +24,7 @@ from moe_helpers import IDS, family_named, save_tiny
 QUANT = ("--bits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--no-validate", "-q")
 EVAL = ("--ctx", "64", "--max-tokens", "256", "--greedy-tokens", "4", "--device", "cpu", "-q")
 #: the quirk each checkpoint must carry (config.json overrides of moe_helpers.CONFIGS)
-VARIANTS = {"qwen3": {}, "qwen2_moe": {"mlp_only_layers": [0]}, "qwen3_moe": {}}
+VARIANTS = {"qwen3": {}, "qwen2_moe": {"mlp_only_layers": [0], "shared_expert_intermediate_size": 64}, "qwen3_moe": {}}
 
 
 @pytest.fixture(scope="module")

@@ -232,3 +232,64 @@ def test_metadata_parity_covers_expert_keys_and_fails_on_a_planted_edit(built, t
     failed = [c for c in res["checks"] if not c["ok"]]
     assert not res["ok"] and [c["name"] for c in failed] == ["expert_used_count"]
     assert "expert_used_count is 3" in failed[0]["reason"]
+
+
+def _plant_u32(src: Path, dst: Path, key: str, value: int) -> None:
+    import shutil
+    import struct
+
+    from qwen_quant.formats.integrity import GGUFIndex
+
+    shutil.copy(src, dst)
+    idx = GGUFIndex(dst)
+    _, _, start, end = idx.kv[f"{idx.get('general.architecture')}.{key}"]
+    idx.close()
+    assert end - start == 4
+    with open(dst, "r+b") as f:
+        f.seek(start)
+        f.write(struct.pack("<I", value))
+
+
+def _rename_tensors(src: Path, dst: Path, old: bytes, new: bytes) -> None:
+    """Rename every tensor ``*old*`` to ``*new*`` in the header (same length, so offsets hold)."""
+    data = src.read_bytes()
+    assert len(old) == len(new) and data.count(old) >= 2
+    dst.write_bytes(data.replace(old, new))
+
+
+def _failed(res: dict) -> list[str]:
+    return [c["name"] for c in res["checks"] if not c["ok"]]
+
+
+def test_metadata_parity_covers_the_shared_expert_and_head_width(built, tmp_path):
+    """qwen2_moe: the shared expert's width and presence (its tensors), and the head width llama.cpp
+    derives (hidden / heads: the config has no head_dim), each pass on the export and fail alone when planted."""
+    from qwen_quant.validate.metadata import metadata_parity
+
+    src, f16 = built(qwen2_moe.FAMILY.name)
+    good = metadata_parity(f16, src)
+    checks = {c["name"]: c for c in good["checks"]}
+    assert checks["expert_shared_ff_length"]["actual"] == 48 and checks["shared_expert"]["actual"] is True
+    assert checks["head_dim"]["expected"] == 16 and checks["head_dim"]["ok"] and not checks["qk_norm"]["expected"]
+    assert good["ok"], _failed(good)
+
+    _plant_u32(f16, tmp_path / "width.gguf", "expert_shared_feed_forward_length", 64)
+    assert _failed(metadata_parity(tmp_path / "width.gguf", src)) == ["expert_shared_ff_length"]
+    _plant_u32(f16, tmp_path / "heads.gguf", "attention.head_count", 2)  # hidden / heads: 32 per head
+    assert "head_dim" in _failed(metadata_parity(tmp_path / "heads.gguf", src))
+    _rename_tensors(f16, tmp_path / "shexp.gguf", b"ffn_up_shexp", b"ffn_up_shexq")
+    res = metadata_parity(tmp_path / "shexp.gguf", src)
+    assert _failed(res) == ["shared_expert"]
+    assert "shared_expert is False" in next(c for c in res["checks"] if not c["ok"])["reason"]
+
+
+def test_metadata_parity_fails_on_missing_qk_norms(built, tmp_path):
+    """qwen3_moe without its q/k norm tensors (renamed away): llama.cpp would run attention unnormed."""
+    from qwen_quant.validate.metadata import metadata_parity
+
+    src, f16 = built(qwen3_moe.FAMILY.name)
+    _rename_tensors(f16, tmp_path / "noqk.gguf", b"attn_q_norm", b"attn_q_nurm")
+    res = metadata_parity(tmp_path / "noqk.gguf", src)
+    assert _failed(res) == ["qk_norm"]
+    _plant_u32(f16, tmp_path / "noshared.gguf", "expert_count", 8)
+    assert _failed(metadata_parity(tmp_path / "noshared.gguf", src)) == ["expert_count"]
