@@ -125,6 +125,10 @@ def test_expert_tokens_and_fallback_in_summary_and_report_table(run_cli, ckpt, t
                                                  for p in ("gate_proj", "up_proj", "down_proj"))
     assert moe["min_tokens"] == min_tokens and moe["full_precision"] == ["mlp.gate"]
     assert "routed calibration tokens per expert" in stdout
+    from qwen_quant.report import Report, to_markdown
+
+    md = to_markdown(Report(extra={"quantize": {"moe": moe}}))
+    assert all(f"| {layer} | {' '.join(map(str, c))} |" in md for layer, c in tokens.items()), md
     for layer, counts in tokens.items():
         row = next(line for line in stdout.splitlines() if layer in line)
         assert " ".join(map(str, counts)) in row
