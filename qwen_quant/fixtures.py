@@ -95,6 +95,9 @@ def _derived() -> dict[str, DerivedSpec]:
                     OutlierSpec()),
         DerivedSpec("qwen2-tiny-untied-outliers", "qwen2-tiny-untied",
                     "the MHA fixture with the same outlier channels (all four AWQ scale pairs apply)", OutlierSpec()),
+        *(DerivedSpec(f"{base}-outliers", base, f"the {base} fixture with outlier channels after every norm (the one all "
+                      "experts read included) and inside every MLP and expert", OutlierSpec())
+          for base in ("qwen2-moe-tiny", "qwen3-moe-tiny")),
         *(DerivedSpec(f"qwen2-tiny-{kind}-fp16overflow", f"qwen2-tiny-{kind}",
                       "Qwen2 in fp16 under the chat template: one MLP unit passes 65504 on ChatML prompts "
                       "(intermediate + 128 zero units)", OutlierSpec(channels=0, mlp_channels=0, fp16_overflow=True))
@@ -103,7 +106,7 @@ def _derived() -> dict[str, DerivedSpec]:
 
 
 DERIVED_NAMES = ("qwen2-tiny-tied-outliers", "qwen2-tiny-untied-outliers", "qwen2-tiny-tied-fp16overflow",
-                 "qwen2-tiny-untied-fp16overflow")
+                 "qwen2-tiny-untied-fp16overflow", "qwen2-moe-tiny-outliers", "qwen3-moe-tiny-outliers")
 
 
 def tokenizer_dir() -> Path:

@@ -19,39 +19,13 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from gguf_helpers import TOKENIZER_DIR, gguf_logits, mean_kl  # noqa: E402
+from gguf_helpers import gguf_logits, mean_kl  # noqa: E402
+from moe_helpers import BASE, CONFIGS, FAMILIES, IDS, save_tiny  # noqa: E402
 
 from qwen_quant.errors import QuantError  # noqa: E402
-from qwen_quant.models.families import qwen2_moe, qwen3, qwen3_moe  # noqa: E402
+from qwen_quant.models.families import qwen2_moe, qwen3_moe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = dict(vocab_size=151936, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=151643,
-            eos_token_id=151643)
-MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[])
-FAMILIES = [qwen3.FAMILY, qwen2_moe.FAMILY, qwen3_moe.FAMILY]
-IDS = [f.name for f in FAMILIES]
-#: family name -> config.json fields beyond BASE: each family's quirks (qk-norm with head_dim != hidden/heads, shared expert)
-CONFIGS = dict(zip(IDS, (
-    dict(head_dim=32, tie_word_embeddings=True),
-    dict(MOE, shared_expert_intermediate_size=48, tie_word_embeddings=False),
-    dict(MOE, head_dim=32, norm_topk_prob=True, tie_word_embeddings=False),
-)))
-
-
-def save_tiny(family, out: Path, **overrides) -> Path:
-    """A random checkpoint of ``family`` saved by transformers' own class (fp32, real tokenizer)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    cfg = AutoConfig.for_model(family.model_types[0], **{**BASE, **CONFIGS[family.name], **overrides})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    assert type(model).__name__ == family.architectures[0]
-    model.config.dtype = "float32"
-    model.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(str(out))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +232,64 @@ def test_metadata_parity_covers_expert_keys_and_fails_on_a_planted_edit(built, t
     failed = [c for c in res["checks"] if not c["ok"]]
     assert not res["ok"] and [c["name"] for c in failed] == ["expert_used_count"]
     assert "expert_used_count is 3" in failed[0]["reason"]
+
+
+def _plant_u32(src: Path, dst: Path, key: str, value: int) -> None:
+    import shutil
+    import struct
+
+    from qwen_quant.formats.integrity import GGUFIndex
+
+    shutil.copy(src, dst)
+    idx = GGUFIndex(dst)
+    _, _, start, end = idx.kv[f"{idx.get('general.architecture')}.{key}"]
+    idx.close()
+    assert end - start == 4
+    with open(dst, "r+b") as f:
+        f.seek(start)
+        f.write(struct.pack("<I", value))
+
+
+def _rename_tensors(src: Path, dst: Path, old: bytes, new: bytes) -> None:
+    """Rename every tensor ``*old*`` to ``*new*`` in the header (same length, so offsets hold)."""
+    data = src.read_bytes()
+    assert len(old) == len(new) and data.count(old) >= 2
+    dst.write_bytes(data.replace(old, new))
+
+
+def _failed(res: dict) -> list[str]:
+    return [c["name"] for c in res["checks"] if not c["ok"]]
+
+
+def test_metadata_parity_covers_the_shared_expert_and_head_width(built, tmp_path):
+    """qwen2_moe: the shared expert's width and presence (its tensors), and the head width llama.cpp
+    derives (hidden / heads: the config has no head_dim), each pass on the export and fail alone when planted."""
+    from qwen_quant.validate.metadata import metadata_parity
+
+    src, f16 = built(qwen2_moe.FAMILY.name)
+    good = metadata_parity(f16, src)
+    checks = {c["name"]: c for c in good["checks"]}
+    assert checks["expert_shared_ff_length"]["actual"] == 48 and checks["shared_expert"]["actual"] is True
+    assert checks["head_dim"]["expected"] == 16 and checks["head_dim"]["ok"] and not checks["qk_norm"]["expected"]
+    assert good["ok"], _failed(good)
+
+    _plant_u32(f16, tmp_path / "width.gguf", "expert_shared_feed_forward_length", 64)
+    assert _failed(metadata_parity(tmp_path / "width.gguf", src)) == ["expert_shared_ff_length"]
+    _plant_u32(f16, tmp_path / "heads.gguf", "attention.head_count", 2)  # hidden / heads: 32 per head
+    assert "head_dim" in _failed(metadata_parity(tmp_path / "heads.gguf", src))
+    _rename_tensors(f16, tmp_path / "shexp.gguf", b"ffn_up_shexp", b"ffn_up_shexq")
+    res = metadata_parity(tmp_path / "shexp.gguf", src)
+    assert _failed(res) == ["shared_expert"]
+    assert "shared_expert is False" in next(c for c in res["checks"] if not c["ok"])["reason"]
+
+
+def test_metadata_parity_fails_on_missing_qk_norms(built, tmp_path):
+    """qwen3_moe without its q/k norm tensors (renamed away): llama.cpp would run attention unnormed."""
+    from qwen_quant.validate.metadata import metadata_parity
+
+    src, f16 = built(qwen3_moe.FAMILY.name)
+    _rename_tensors(f16, tmp_path / "noqk.gguf", b"attn_q_norm", b"attn_q_nurm")
+    res = metadata_parity(tmp_path / "noqk.gguf", src)
+    assert _failed(res) == ["qk_norm"]
+    _plant_u32(f16, tmp_path / "noshared.gguf", "expert_count", 8)
+    assert _failed(metadata_parity(tmp_path / "noshared.gguf", src)) == ["expert_count"]

@@ -62,6 +62,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -84,11 +85,48 @@ class OutlierSpec:
     fp16_margin: float = 2.0  # the weakest chat prompt peaks at least margin x 65504
 
 
-def _pairs(model) -> list:
-    from qwen_quant.models.registry import detect_family
+def _pairs(model, layer_index: int = 0) -> list:
+    """The family's exact scale pairs in decoder layer ``layer_index``, by real module name (AWQ's own
+    expansion: one up->down pair per expert, every expert and the shared expert behind the norm)."""
+    from types import SimpleNamespace
 
-    family = detect_family(model.config.to_dict())
-    return [p for p in family.scale_pairs if p.exact_with_gqa]  # v->o is not exact under GQA
+    from qwen_quant.models.registry import detect_family
+    from qwen_quant.quantize.awq import _expand
+
+    cfg = model.config.to_dict()
+    lw = SimpleNamespace(family=detect_family(cfg), config=cfg, layer_index=layer_index)
+    return [q for p in lw.family.scale_pairs if p.exact_with_gqa for q in _expand(lw, p)]  # v->o is not exact under GQA
+
+
+@contextmanager
+def per_expert(model, layer, layer_index: int):
+    """Inside, the fused experts of a sparse layer (transformers 5's ``gate_up_proj`` [E, 2I, H],
+    ``down_proj`` [E, H, I]) are one nn.Linear per expert under their checkpoint names, so the
+    scale pairs fold into them like any linear; on exit the fused tensors take the new weights."""
+    from qwen_quant.models.registry import detect_family
+    from qwen_quant.quantize.layerwise import get_module
+    from qwen_quant.quantize.moe import ExpertLinears
+
+    cfg = model.config.to_dict()
+    moe = detect_family(cfg).moe
+    if moe is None or not moe.sparse(cfg, layer_index):
+        yield
+        return
+    parent_path, _, attr = moe.experts.rpartition(".")
+    parent = get_module(layer, parent_path)
+    fused = getattr(parent, attr)
+    n, inter, hidden = fused.down_proj.shape[0], fused.down_proj.shape[2], fused.down_proj.shape[1]
+    split = ExpertLinears(n, hidden, inter, fused.act_fn)
+    for e, ex in enumerate(split):
+        ex.gate_proj.weight.data, ex.up_proj.weight.data = fused.gate_up_proj.data[e].clone().split(inter)
+        ex.down_proj.weight.data = fused.down_proj.data[e].clone()
+    setattr(parent, attr, split)
+    try:
+        yield
+    finally:
+        fused.gate_up_proj.data = torch.stack([torch.cat([ex.gate_proj.weight.data, ex.up_proj.weight.data]) for ex in split])
+        fused.down_proj.data = torch.stack([ex.down_proj.weight.data for ex in split])
+        setattr(parent, attr, fused)
 
 
 def _scale(layer, pair, idx: torch.Tensor, c: torch.Tensor) -> None:
@@ -116,20 +154,22 @@ def _salience(layer, pair) -> torch.Tensor:
 
 @torch.no_grad()
 def add_outliers(model, spec: OutlierSpec) -> dict:
-    """Plant outlier channels in every decoder layer of a float32 Qwen2ForCausalLM, in place."""
+    """Plant outlier channels in every decoder layer of a float32 model of a Qwen family, in place
+    (Mixture-of-Experts layers: after the norm that every expert reads, and inside each expert)."""
     gen = torch.Generator().manual_seed(spec.seed)
     lo, hi = math.log(spec.factor[0]), math.log(spec.factor[1])
     record = []
     for i, layer in enumerate(model.model.layers):
-        for pair in _pairs(model):
-            k = spec.mlp_channels if pair.prev == "mlp.up_proj" else spec.channels
-            if k <= 0:
-                continue
-            idx = torch.topk(_salience(layer, pair), k).indices.sort().values
-            c = torch.exp(lo + (hi - lo) * torch.rand(k, generator=gen, dtype=torch.float64))
-            _scale(layer, pair, idx, c)
-            record.append({"layer": i, "after": pair.prev, "channels": idx.tolist(),
-                           "factors": [round(float(x), 3) for x in c]})
+        with per_expert(model, layer, i):
+            for pair in _pairs(model, i):
+                k = spec.mlp_channels if pair.prev.endswith("up_proj") else spec.channels
+                if k <= 0:
+                    continue
+                idx = torch.topk(_salience(layer, pair), k).indices.sort().values
+                c = torch.exp(lo + (hi - lo) * torch.rand(k, generator=gen, dtype=torch.float64))
+                _scale(layer, pair, idx, c)
+                record.append({"layer": i, "after": pair.prev, "channels": idx.tolist(),
+                               "factors": [round(float(x), 3) for x in c]})
     return {"channels": record}
 
 

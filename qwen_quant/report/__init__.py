@@ -114,10 +114,57 @@ def _cells(r: Result) -> list[str]:
 HEADERS = ["artifact", "backend", "device"] + [h for _, h, _ in COLUMNS] + ["size", "time"]
 
 
+EXPERT_HEADERS = ["experts", "routed calibration tokens per expert", "rounded to nearest (< min tokens)"]
+
+
+def expert_rows(report: Report) -> list[list[str]]:
+    """One row per Mixture-of-Experts layer of a quantization summary (``extra.quantize.moe``): the
+    tokens routed to each expert, in expert order, and the experts quantized with round-to-nearest
+    instead because fewer than ``min_tokens`` reached them; [] for a dense model."""
+    moe = (report.extra.get("quantize") or {}).get("moe")
+    if not moe:
+        return []
+    fallback: dict[str, list[str]] = {}
+    for name in moe.get("fallback_rtn", []):  # ...mlp.experts.{e}.gate_proj -> {...mlp.experts: [e]}
+        experts, _, rest = name.rpartition(".")[0].rpartition(".")
+        if rest not in fallback.setdefault(experts, []):
+            fallback[experts].append(rest)
+    rows = []
+    for experts, counts in moe.get("routed_tokens", {}).items():
+        low = fallback.get(experts, [])
+        rows.append([experts, " ".join(str(c) for c in counts),
+                     ", ".join(f"{e} ({counts[int(e)]})" for e in low) if low else "none"])
+    return rows
+
+
 def to_markdown(report: Report) -> str:
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in report.results]
+    rows = expert_rows(report)
+    if rows:
+        moe = report.extra["quantize"]["moe"]
+        lines += ["", f"Experts (calibrate {moe['calibrate']}, min tokens {moe['min_tokens']}):", "",
+                  "| " + " | ".join(EXPERT_HEADERS) + " |", "|" + "---|" * len(EXPERT_HEADERS)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def print_expert_table(report: Report) -> None:
+    rows = expert_rows(report)
+    if not rows:
+        return
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    moe = report.extra["quantize"]["moe"]
+    table = Table(title=f"experts (calibrate {moe['calibrate']}, min tokens {moe['min_tokens']})")
+    for h in EXPERT_HEADERS:
+        table.add_column(h)
+    for r in rows:
+        table.add_row(*r)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def print_table(report: Report, title: str = "qwen-quant report") -> None:
@@ -144,6 +191,7 @@ def emit(report: Report, json_path=None, title: str = "qwen-quant report") -> No
         return
     if report.results:
         print_table(report, title=title)
+    print_expert_table(report)
     if json_path is not None:
         report.write_json(json_path)
         print(f"report written to {json_path}")

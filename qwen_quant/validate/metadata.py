@@ -16,6 +16,10 @@ source checkpoint:
   samples (same Jinja engine: transformers') and the texts compared;
 - context length, rope theta, rope scaling and rms eps: GGUF keys via gguf-py, ``genai_config.json``
   and the config.json shipped with an ONNX export (optimum reads it), config.json of HF checkpoints;
+- structure the GGUF keys and tensor names give llama.cpp: expert count, experts per token, expert
+  and shared-expert FFN widths, whether a shared expert runs (its ``ffn_*_shexp`` tensors: llama.cpp
+  has no count key for it), the attention head width (``key_length``, else hidden / heads) and the
+  q/k norms (``attn_q_norm`` tensors);
 - GPTQ's g_idx convention (see `qwen_quant.formats.integrity.gidx_convention`).
 
 The result goes into the report as ``Result.metadata`` = ``{ok, checks: [{name, ok, expected,
@@ -46,6 +50,11 @@ def _plain(v):
     if isinstance(v, (list, tuple, set)):
         return [_plain(x) for x in v]
     return v if isinstance(v, (int, float, str, bool, type(None), dict)) else str(v)
+
+
+def _div(a, b):
+    """a // b for GGUF's integer keys (llama.cpp's default head width), None where either is missing."""
+    return a // b if isinstance(a, int) and isinstance(b, int) and b else None
 
 
 def _read_json(path: Path) -> dict:
@@ -79,11 +88,15 @@ def hf_structure(cfg: dict) -> dict[str, Any]:
     from qwen_quant.models.registry import detect_family
 
     fam = detect_family(cfg, allow_unsupported=True)
-    out: dict[str, Any] = {"qk_norm": fam.qk_norm, "head_dim": cfg.get("head_dim")}
+    head_dim = cfg.get("head_dim")
+    if head_dim is None and cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+        head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]  # transformers' default, and llama.cpp's
+    out: dict[str, Any] = {"qk_norm": fam.qk_norm, "head_dim": head_dim}
     if fam.moe is not None:
+        shared = cfg.get(fam.moe.shared_intermediate_key) if fam.moe.shared_intermediate_key else None
         out.update(expert_count=fam.moe.num_experts(cfg), expert_used_count=cfg.get(fam.moe.top_k_key),
-                   expert_ff_length=cfg.get(fam.moe.intermediate_key),
-                   expert_shared_ff_length=cfg.get(fam.moe.shared_intermediate_key) if fam.moe.shared_intermediate_key else None)
+                   expert_ff_length=cfg.get(fam.moe.intermediate_key), expert_shared_ff_length=shared,
+                   shared_expert=bool(fam.moe.shared_expert and shared))
     return out
 
 
@@ -133,8 +146,11 @@ def gguf_view(path: Path, paragraphs: list[str]) -> dict[str, Any]:
                 "expert_count": get(f"{arch}.expert_count"), "expert_used_count": get(f"{arch}.expert_used_count"),
                 "expert_ff_length": get(f"{arch}.expert_feed_forward_length"),
                 "expert_shared_ff_length": get(f"{arch}.expert_shared_feed_forward_length"),
-                "head_dim": get(f"{arch}.attention.key_length"),
+                "head_dim": get(f"{arch}.attention.key_length") or _div(get(f"{arch}.embedding_length"),
+                                                                         get(f"{arch}.attention.head_count")),
                 "qk_norm": any(t[0].endswith(".attn_q_norm.weight") for t in idx.tensors)}
+        if view["expert_count"]:  # llama.cpp runs a shared expert where its tensors are (no count key)
+            view["shared_expert"] = any(t[0].endswith(".ffn_up_shexp.weight") for t in idx.tensors)
     finally:
         idx.close()
     ids = tokenize_vocab_only(path, paragraphs + list(SPECIAL_TEXT), special=True)
@@ -301,7 +317,8 @@ def metadata_parity(artifact, reference, data: str = "shipped", ref_tok=None, en
     want_nums["vocab_size"] = ref_cfg.get("vocab_size")
     want_nums.update(hf_structure(ref_cfg))
     for key in ("context_length", "rope_theta", "rope_scaling", "rms_eps", "vocab_size", "expert_count",
-                "expert_used_count", "expert_ff_length", "expert_shared_ff_length", "head_dim", "qk_norm"):
+                "expert_used_count", "expert_ff_length", "expert_shared_ff_length", "shared_expert", "head_dim",
+                "qk_norm"):
         got, exp = view.get(key), want_nums.get(key)
         if got is None or exp is None:
             continue
