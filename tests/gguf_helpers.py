@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-TOKENIZER_DIR = Path("/work/shared/fixtures/qwen2-tokenizer")
+from qwen_quant.fixtures import tokenizer_dir
+
+TOKENIZER_DIR = tokenizer_dir()  # $QWEN_QUANT_TOKENIZER, else ../shared/fixtures/qwen2-tokenizer
 
 
 @lru_cache(maxsize=None)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qwen_quant.fixtures import tokenizer_dir
 from qwen_quant.models.families import qwen2_moe, qwen3, qwen3_moe
 
-TOKENIZER_DIR = Path("/work/shared/fixtures/qwen2-tokenizer")
+TOKENIZER_DIR = tokenizer_dir()  # $QWEN_QUANT_TOKENIZER, else ../shared/fixtures/qwen2-tokenizer
 BASE = dict(vocab_size=151936, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=151643,
             eos_token_id=151643)

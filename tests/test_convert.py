@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from qwen_quant.fixtures import tokenizer_dir
 from qwen_quant.models.convert.qwen_v1 import REPORT_FILE, ConvertConfig, convert_qwen_v1, is_qwen_v1
 from qwen_quant.errors import QuantError
 
-QWEN2_TOKENIZER = Path("/work/shared/fixtures/qwen2-tokenizer/tokenizer.json")
+QWEN2_TOKENIZER = tokenizer_dir() / "tokenizer.json"
 N_RANKS = 2000
 H, HEADS, LAYERS, FF, SEQ = 64, 4, 2, 96, 24
 N_SPECIAL = 3 + 205
