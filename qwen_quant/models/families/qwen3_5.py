@@ -24,18 +24,22 @@ under ``model.visual`` (MTP weights, where a release has them, under ``mtp.``). 
 model's decoder linears are quantized; every other tensor is copied byte for byte.
 
 Every RMSNorm here computes ``x * (1 + weight)`` (``norm_offset``), which AWQ's fold must respect.
+
+GGUF: llama.cpp's ``qwen35`` architecture, written as its converter writes it (tensor transforms and
+keys in `deltanet_gguf`); the text GGUF of a multimodal checkpoint leaves out the vision tower and
+the MTP head.
 """
 
 from dataclasses import replace
 
-from qwen_quant.models.family import Family, attention_shapes, mlp_shapes
-from qwen_quant.models.families import qwen2
+from qwen_quant.models.family import Family, GGUFNames, attention_shapes, mlp_shapes
+from qwen_quant.models.families import deltanet_gguf, qwen2
 
 MIXERS = (("linear_attention", "linear_attn"), ("full_attention", "self_attn"))
 LINEAR_ATTENTION = (("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"), ("linear_attn.out_proj",))
 LINEAR_FULL_PRECISION = ("linear_attn.in_proj_b", "linear_attn.in_proj_a")
-GGUF_HINT = ("GGUF export of the hybrid linear-attention Qwen families is not built yet; "
-             "convert the original checkpoint with llama.cpp's convert_hf_to_gguf.py (llama.cpp with the {arch} architecture)")
+GGUF = GGUFNames(arch="QWEN35", pre=qwen2.GGUF_PRE, params=deltanet_gguf.qwen35_params,
+                 tensors=deltanet_gguf.qwen35_tensors, skip=deltanet_gguf.SKIP)
 ONNX_HINT = ("onnxruntime-genai's model builder has no Gated DeltaNet (linear-attention) layer; "
              "serve a GPTQ/AWQ checkpoint with vLLM or transformers instead")
 
@@ -69,8 +73,7 @@ TEXT = Family(
     qk_norm=True,
     mixers=MIXERS,
     norm_offset=1.0,
-    gguf=None,
-    gguf_hint=GGUF_HINT.format(arch="qwen35"),
+    gguf=GGUF,
     onnx_type=None,
     onnx_hint=ONNX_HINT,
 )
