@@ -91,10 +91,12 @@ def _logits(path, ids):
         return load_model(path)(ids).logits.float()
 
 
-@pytest.mark.parametrize("kind,method", [("qwen3_5_text", "gptq"), ("qwen3_next", "gptq"), ("qwen3_5_text", "rtn")])
+@pytest.mark.parametrize("kind,method", [("qwen3_5_text", "gptq"), ("qwen3_next", "gptq"), ("qwen3_5_text", "rtn"),
+                                         ("qwen3_5_text", "awq")])
 def test_quantized_hybrid_loads_back_close(run_cli, ckpt, tmp_path, kind, method):
     src, out = ckpt(kind), tmp_path / method
-    code, _, err = run_cli("gptq", src, "-o", out, *QUANT, *(["--rtn"] if method == "rtn" else []))
+    code, _, err = run_cli("awq" if method == "awq" else "gptq", src, "-o", out, *QUANT,
+                           *(["--rtn"] if method == "rtn" else []))
     assert code == 0, err
     t = _tensors(out)
     fam = detect_family(json.loads((src / "config.json").read_text()))

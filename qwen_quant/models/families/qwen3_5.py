@@ -32,10 +32,18 @@ the MTP head.
 
 from dataclasses import replace
 
-from qwen_quant.models.family import Family, GGUFNames, attention_shapes, mlp_shapes
+from qwen_quant.models.family import Family, GGUFNames, ScalePair, attention_shapes, mlp_shapes
 from qwen_quant.models.families import deltanet_gguf, qwen2
 
 MIXERS = (("linear_attention", "linear_attn"), ("full_attention", "self_attn"))
+# AWQ folds, each exact (tests/test_hybrid_awq.py): input_layernorm -> the Gated DeltaNet's input projections
+# (in_proj_b/a read the same normed input and take the scale unquantized); input_layernorm -> q/k/v (q_proj's
+# gate rows included); v -> o where K/V heads are not shared: the output gate multiplies the attention output
+# per channel, so it commutes with a per-channel scale; the MLP's as qwen2's. Not a fold: the gated RMSNorm
+# -> out_proj (its weight has head_v_dim entries shared by every value head, out_proj's input is per head).
+LINEAR_PAIRS = (ScalePair("input_layernorm", ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"), "linear_attn",
+                          also=("linear_attn.in_proj_b", "linear_attn.in_proj_a")),)
+ATTENTION_PAIRS = LINEAR_PAIRS + qwen2.ATTENTION_PAIRS
 LINEAR_ATTENTION = (("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"), ("linear_attn.out_proj",))
 LINEAR_FULL_PRECISION = ("linear_attn.in_proj_b", "linear_attn.in_proj_a")
 GGUF = GGUFNames(arch="QWEN35", pre=qwen2.GGUF_PRE, params=deltanet_gguf.qwen35_params,
@@ -68,7 +76,7 @@ TEXT = Family(
     linear_groups=LINEAR_ATTENTION + qwen2.ATTENTION + qwen2.MLP,
     linear_shapes=lambda c: {**linear_attention_shapes(c), **gated_attention_shapes(c), **mlp_shapes(c)},
     full_precision=LINEAR_FULL_PRECISION,
-    scale_pairs=(),
+    scale_pairs=ATTENTION_PAIRS + qwen2.MLP_PAIRS,
     qkv_bias=False,
     qk_norm=True,
     mixers=MIXERS,

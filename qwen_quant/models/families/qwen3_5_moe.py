@@ -36,6 +36,7 @@ TEXT = replace(
     linear_groups=qwen3_5.LINEAR_ATTENTION + qwen3_5.qwen2.ATTENTION + EXPERTS,
     linear_shapes=linear_shapes,
     full_precision=qwen3_5.LINEAR_FULL_PRECISION + ("mlp.gate", "mlp.shared_expert_gate"),
+    scale_pairs=qwen3_5.ATTENTION_PAIRS + qwen2_moe.MLP_PAIRS,
     moe=MOE,
     gguf=replace(qwen3_5.GGUF, arch="QWEN35MOE", dense_layers=False),
 )
