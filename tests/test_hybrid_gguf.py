@@ -164,6 +164,7 @@ def test_runs_on_llama_cpp_close_to_torch(built, kind, tmp_path):
     assert kl["q4_k_m"] > kl["q8_0"]
 
 
+@pytest.mark.slow
 def test_export_and_eval_on_llama_cpp(run_cli, built, tmp_path):
     """`export gguf` on the multimodal checkpoint, then `eval` of the q8_0 file on the llama.cpp backend
     against the checkpoint's own text model."""
