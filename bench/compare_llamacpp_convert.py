@@ -7,8 +7,9 @@ metadata key (type and value) and every tensor (name, type, shape, bytes) is com
 
     python bench/compare_llamacpp_convert.py ./Qwen2-0.5B --convert ~/llama.cpp/convert_hf_to_gguf.py
 
-Any family with a GGUF architecture works the same way (qwen2, qwen3, qwen2_moe, qwen3_moe); the
-last line also says whether the two files are byte-identical.
+Any family with a GGUF architecture works the same way (qwen2, qwen3, qwen2_moe, qwen3_moe, and the
+hybrid qwen3_next / qwen3_5 / qwen3_5_moe, compared with the converter's ``--no-mtp`` since our text GGUF
+leaves the multi-token-prediction head out); the last line also says whether the two files are byte-identical.
 
 The converter's ``Qwen2Model.set_vocab`` (also used by Qwen3) imports sentencepiece before it looks for
 a ``tokenizer.model``, and catches only the missing file: without the package it dies before reaching
@@ -85,16 +86,27 @@ def diff(ours: Path, theirs: Path, ignore: set[str]) -> list[str]:
     return problems
 
 
-def run_converter(convert: Path, model: Path, out: Path, outtype: str, work: Path) -> None:
-    """Run convert_hf_to_gguf.py with this Python and its installed gguf-py (see the module docstring)."""
+def run_converter(convert: Path, model: Path, out: Path, outtype: str, work: Path, extra: tuple[str, ...] = ()) -> None:
+    """Run convert_hf_to_gguf.py with this Python (see the module docstring); ``extra``: more converter flags."""
     env = dict(os.environ)
     if importlib.util.find_spec("sentencepiece") is None:
         stub = work / "sentencepiece-stub"
         stub.mkdir(exist_ok=True)
         (stub / "sentencepiece.py").write_text("class SentencePieceProcessor:\n    pass\n")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(stub), env.get("PYTHONPATH")]))
-    subprocess.run([sys.executable, str(convert), str(model), "--outfile", str(out), "--outtype", outtype],
-                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    res = subprocess.run([sys.executable, str(convert), str(model), "--outfile", str(out), "--outtype", outtype, *extra],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if res.returncode:
+        tail = "\n".join(res.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"{convert} exited {res.returncode}:\n{tail}")
+
+
+def converter_flags(model: Path) -> tuple[str, ...]:
+    """``--no-mtp`` where our text GGUF leaves the multi-token-prediction head out (the hybrid families)."""
+    from qwen_quant.export.gguf import load_hparams
+
+    _, family = load_hparams(model)
+    return ("--no-mtp",) if any("mtp" in p for p in family.gguf.skip) else ()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     ours, theirs = work / f"ours-{args.outtype}.gguf", work / f"llamacpp-{args.outtype}.gguf"
     write_float_gguf(args.model, ours, args.outtype)
-    run_converter(args.convert, args.model, theirs, args.outtype, work)
+    run_converter(args.convert, args.model, theirs, args.outtype, work, converter_flags(args.model))
     problems = diff(ours, theirs, set(args.ignore))
     for p in problems:
         print(p)

@@ -15,6 +15,13 @@ yields down, gate, up in the converter's order (``Qwen2MoeModel.modify_tensors``
 ``gate_up_proj`` layout is split the same way). Router and shared-expert gate stay F32 at every
 outtype, as the converter keeps ``FFN_GATE_INP``/``FFN_GATE_INP_SHEXP``.
 
+Hybrid linear-attention families (qwen3_next, qwen3_5, qwen3_5_moe): the family file's
+``GGUFNames.tensors`` hook moves each tensor as the converter's model class does (see
+`qwen_quant.models.families.deltanet_gguf`), and ``GGUFNames.params`` adds its keys. The text model of a
+multimodal checkpoint is read under its prefix (``model.language_model.`` -> ``model.``, as the converter
+strips ``language_model.``) with the config's ``text_config`` laid over the top level, and the tensors the
+family's ``skip`` names (vision tower, MTP head) are left out.
+
 Tied embeddings (Qwen2-0.5B/1.5B) need nothing special: the checkpoint has no ``lm_head.weight``, so no
 ``output.weight`` is written and llama.cpp falls back to ``token_embd.weight`` for the output projection.
 """
@@ -47,13 +54,17 @@ _SKIP_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_
 
 
 def load_hparams(model_dir: Path) -> tuple[dict, object]:
-    """config.json and family of a checkpoint the GGUF writer takes (the registry refuses Qwen v1: convert it first)."""
+    """config.json and family of a checkpoint the GGUF writer takes (the registry refuses Qwen v1: convert it first).
+
+    A multimodal config's ``text_config`` is laid over its top level, as the converter's TextModel does."""
     from qwen_quant.models.loader import check_model
 
     _, hparams, family = check_model(model_dir)
     if family.gguf is None:
         raise QuantError(f"{model_dir}: " + (family.gguf_hint or f"the {family.name} family has no GGUF export here; use the "
                                              "HF checkpoint with vLLM or transformers instead"))
+    if family.text_config_key and isinstance(hparams.get(family.text_config_key), dict):
+        hparams = {**hparams, **hparams[family.text_config_key]}
     return hparams, family
 
 
@@ -80,9 +91,11 @@ def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-#: Block tensors convert_hf_to_gguf.py keeps in F32 at every outtype (the MoE router and shared-expert gate).
+#: Block tensors convert_hf_to_gguf.py keeps in F32 at every outtype (the MoE router and shared-expert gate,
+#: the linear-attention conv1d filter).
 _F32_BLOCK_TENSORS = tuple(gguf.TENSOR_NAMES[t].split(".", 2)[2] + ".weight"
-                           for t in (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP))
+                           for t in (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
+                                     gguf.MODEL_TENSOR.SSM_CONV1D))
 
 
 def tensor_type(new_name: str, n_dims: int, outtype: str) -> gguf.GGMLQuantizationType:
@@ -93,21 +106,31 @@ def tensor_type(new_name: str, n_dims: int, outtype: str) -> gguf.GGMLQuantizati
     return OUTTYPES[outtype][0]
 
 
+def text_tensors(model_dir: Path, family) -> Iterator[tuple[str, torch.Tensor]]:
+    """`iter_checkpoint` restricted to the text model, under the text model's names (float16/float32)."""
+    skip = family.gguf.skip if family.gguf else ()
+    for name, t in iter_checkpoint(model_dir):
+        name = family.module_path(name)
+        if skip and name.startswith(skip):
+            continue
+        if t.dtype not in (torch.float16, torch.float32):
+            t = t.to(torch.float32)
+        yield name, t
+
+
 def stacked_tensors(model_dir: Path, family, hparams: dict) -> Iterator[tuple[str, torch.Tensor]]:
-    """`iter_checkpoint` with each MoE layer's per-expert tensors stacked into one [experts, out, in]
+    """`text_tensors` with each MoE layer's per-expert tensors stacked into one [experts, out, in]
     tensor per projection (see the module docstring); other families' tensors pass through."""
     moe = family.moe
     if moe is None:
-        yield from iter_checkpoint(model_dir)
+        yield from text_tensors(model_dir, family)
         return
     n_experts = moe.num_experts(hparams)
-    prefix = rf"({re.escape(family.layers_path)}\.(\d+)\.{re.escape(moe.experts)})"
+    prefix = rf"({re.escape(family.module_path(family.layers_path))}\.(\d+)\.{re.escape(moe.experts)})"
     per_expert = re.compile(prefix + r"\.(\d+)\.(\w+)\.weight")
     fused = re.compile(prefix + r"\.(gate_up_proj|down_proj)(\.weight)?")
     pending: dict[int, dict[str, torch.Tensor]] = {}
-    for name, t in iter_checkpoint(model_dir):
-        if t.dtype not in (torch.float16, torch.float32):
-            t = t.to(torch.float32)
+    for name, t in text_tensors(model_dir, family):
         if m := fused.fullmatch(name):
             if m[3] == "down_proj":
                 yield f"{m[1]}.down_proj.weight", t
@@ -151,18 +174,25 @@ def check_layers(model_dir: Path, hparams: dict, family) -> None:
 def add_tensors(writer: gguf.GGUFWriter, model_dir: Path, n_layers: int, outtype: str, family,
                 hparams: dict | None = None) -> None:
     name_map = gguf.get_tensor_name_map(gguf_arch(family), n_layers)
-    for name, t in stacked_tensors(model_dir, family, hparams or {}):
-        if name.endswith(_SKIP_SUFFIXES):
+    hook = family.gguf.tensors or (lambda name, t, config: ((name, t),))
+    for hf_name, hf_t in stacked_tensors(model_dir, family, hparams or {}):
+        if hf_name.endswith(_SKIP_SUFFIXES):
             continue
-        new_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
-        if new_name is None:
-            raise QuantError(f"tensor {name} in {model_dir} has no GGUF name for {family.name}; "
-                             f"is this a plain {family.architectures[0]} checkpoint?")
-        if t.dtype not in (torch.float16, torch.float32):
-            t = t.to(torch.float32)
-        data = t.numpy()
-        qtype = tensor_type(new_name, data.ndim, outtype)
-        writer.add_tensor(new_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        for name, t in hook(hf_name, hf_t, hparams or {}):
+            _add_tensor(writer, name_map, name, t, outtype, model_dir, family)
+
+
+def _add_tensor(writer: gguf.GGUFWriter, name_map, name: str, t: torch.Tensor, outtype: str, model_dir: Path,
+                family) -> None:
+    new_name = name if name.startswith("blk.") else name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+    if new_name is None:
+        raise QuantError(f"tensor {name} in {model_dir} has no GGUF name for {family.name}; "
+                         f"is this a plain {family.architectures[0]} checkpoint?")
+    if t.dtype not in (torch.float16, torch.float32):
+        t = t.to(torch.float32)
+    data = t.numpy()
+    qtype = tensor_type(new_name, data.ndim, outtype)
+    writer.add_tensor(new_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 
 def add_metadata(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict, outtype: str, family=None) -> None:
@@ -179,7 +209,8 @@ def add_metadata(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict, outtyp
     writer.add_block_count(hparams["num_hidden_layers"])
     writer.add_context_length(hparams["max_position_embeddings"])
     writer.add_embedding_length(hparams["hidden_size"])
-    writer.add_feed_forward_length(hparams["intermediate_size"])
+    if (n_ff := hparams.get("intermediate_size")) is not None:
+        writer.add_feed_forward_length(n_ff)
     writer.add_head_count(hparams["num_attention_heads"])
     if (n_kv := hparams.get("num_key_value_heads")) is not None:
         writer.add_head_count_kv(n_kv)
@@ -201,6 +232,8 @@ def add_metadata(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict, outtyp
             val = rope.get(key, rope.get("attn_factor")) if key == "attention_factor" else rope.get(key)
             if val is not None:
                 add(val)
+    if "mrope_section" in rope:  # padded to [time, height, width, extra]
+        writer.add_rope_dimension_sections((list(rope["mrope_section"]) + [0, 0, 0, 0])[:4])
     if (theta := rope.get("rope_theta")) is not None:
         writer.add_rope_freq_base(theta)
     if (eps := hparams.get("rms_norm_eps")) is not None:

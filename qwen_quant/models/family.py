@@ -81,12 +81,20 @@ class GGUFNames:
     per-expert tensors of a layer into one 3-D tensor per projection (``ffn_{gate,up,down}_exps``), as
     the converter's ``Qwen2MoeModel.modify_tensors`` does; ``dense_layers`` says whether llama.cpp's
     architecture can hold layers without experts (llama.cpp's qwen2moe/qwen3moe cannot).
+
+    ``tensors(name, tensor, config)`` is the family's part of the converter's ``modify_tensors``: it
+    takes one checkpoint tensor (text-model name, float16/float32) and yields ``(name, tensor)`` pairs,
+    each named either in the checkpoint's terms (mapped by gguf-py's tensor map) or already in GGUF's
+    (``blk.N....``); None: every tensor passes unchanged. ``skip`` lists checkpoint name prefixes that
+    the text GGUF leaves out (a vision tower, the multi-token-prediction head).
     """
 
     arch: str
     pre: dict[str, str] = field(default_factory=dict)
     params: Callable[[Any, dict], None] | None = None  # family-specific add_* calls on a GGUFWriter
     dense_layers: bool = True
+    tensors: Callable[[str, Any, dict], Any] | None = None
+    skip: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -168,14 +168,17 @@ def search_scale(lw: Layerwise, layer: torch.nn.Module, pair: ScalePair, x, grid
 
 
 @torch.no_grad()
-def apply_scale(layer: torch.nn.Module, pair: ScalePair, s: torch.Tensor) -> None:
-    """Fold ``1/s`` into the previous op and ``s`` into the linears: the float function is unchanged."""
+def apply_scale(layer: torch.nn.Module, pair: ScalePair, s: torch.Tensor, offset: float = 0.0) -> None:
+    """Fold ``1/s`` into the previous op and ``s`` into the linears: the float function is unchanged.
+
+    ``offset``: the family's ``norm_offset`` (an RMSNorm computing ``x * (offset + w)`` gets
+    ``w' = (offset + w) / s - offset``)."""
     prev = get_module(layer, pair.prev)
     sd = s.to(prev.weight.device)
     if isinstance(prev, torch.nn.Linear):
         prev.weight.data[-s.numel():] = (prev.weight.data[-s.numel():].float() / sd[:, None]).to(prev.weight.dtype)
-    else:  # RMSNorm: y = w * norm(x)
-        prev.weight.data = (prev.weight.data.float() / sd).to(prev.weight.dtype)
+    else:  # RMSNorm: y = (offset + w) * norm(x)
+        prev.weight.data = ((offset + prev.weight.data.float()) / sd - offset).to(prev.weight.dtype)
     if getattr(prev, "bias", None) is not None:
         prev.bias.data[-s.numel():] = (prev.bias.data[-s.numel():].float() / sd).to(prev.bias.dtype)
     for n in pair.linears + pair.also:
@@ -320,7 +323,7 @@ def quantize_layer(lw: Layerwise, layer: torch.nn.Module, hidden: torch.Tensor, 
             del grams[src]
         else:
             s = search_scale(lw, layer, pair, inputs.pop(src), grid, opts["n_grid"], opts["duo_scaling"])
-        apply_scale(layer, pair, s)
+        apply_scale(layer, pair, s, lw.family.norm_offset)
         for g in group_srcs:  # the scaled linears now see x / s (rounded to the activation dtype, as they would)
             x = sample[g]
             sample[g] = (x.float() / s.to(x.device)).to(x.dtype)

@@ -24,18 +24,30 @@ under ``model.visual`` (MTP weights, where a release has them, under ``mtp.``). 
 model's decoder linears are quantized; every other tensor is copied byte for byte.
 
 Every RMSNorm here computes ``x * (1 + weight)`` (``norm_offset``), which AWQ's fold must respect.
+
+GGUF: llama.cpp's ``qwen35`` architecture, written as its converter writes it (tensor transforms and
+keys in `deltanet_gguf`); the text GGUF of a multimodal checkpoint leaves out the vision tower and
+the MTP head.
 """
 
 from dataclasses import replace
 
-from qwen_quant.models.family import Family, attention_shapes, mlp_shapes
-from qwen_quant.models.families import qwen2
+from qwen_quant.models.family import Family, GGUFNames, ScalePair, attention_shapes, mlp_shapes
+from qwen_quant.models.families import deltanet_gguf, qwen2
 
 MIXERS = (("linear_attention", "linear_attn"), ("full_attention", "self_attn"))
+# AWQ folds, each exact (tests/test_hybrid_awq.py): input_layernorm -> the Gated DeltaNet's input projections
+# (in_proj_b/a read the same normed input and take the scale unquantized); input_layernorm -> q/k/v (q_proj's
+# gate rows included); v -> o where K/V heads are not shared: the output gate multiplies the attention output
+# per channel, so it commutes with a per-channel scale; the MLP's as qwen2's. Not a fold: the gated RMSNorm
+# -> out_proj (its weight has head_v_dim entries shared by every value head, out_proj's input is per head).
+LINEAR_PAIRS = (ScalePair("input_layernorm", ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"), "linear_attn",
+                          also=("linear_attn.in_proj_b", "linear_attn.in_proj_a")),)
+ATTENTION_PAIRS = LINEAR_PAIRS + qwen2.ATTENTION_PAIRS
 LINEAR_ATTENTION = (("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"), ("linear_attn.out_proj",))
 LINEAR_FULL_PRECISION = ("linear_attn.in_proj_b", "linear_attn.in_proj_a")
-GGUF_HINT = ("GGUF export of the hybrid linear-attention Qwen families is not built yet; "
-             "convert the original checkpoint with llama.cpp's convert_hf_to_gguf.py (llama.cpp with the {arch} architecture)")
+GGUF = GGUFNames(arch="QWEN35", pre=qwen2.GGUF_PRE, params=deltanet_gguf.qwen35_params,
+                 tensors=deltanet_gguf.qwen35_tensors, skip=deltanet_gguf.SKIP)
 ONNX_HINT = ("onnxruntime-genai's model builder has no Gated DeltaNet (linear-attention) layer; "
              "serve a GPTQ/AWQ checkpoint with vLLM or transformers instead")
 
@@ -64,13 +76,12 @@ TEXT = Family(
     linear_groups=LINEAR_ATTENTION + qwen2.ATTENTION + qwen2.MLP,
     linear_shapes=lambda c: {**linear_attention_shapes(c), **gated_attention_shapes(c), **mlp_shapes(c)},
     full_precision=LINEAR_FULL_PRECISION,
-    scale_pairs=(),
+    scale_pairs=ATTENTION_PAIRS + qwen2.MLP_PAIRS,
     qkv_bias=False,
     qk_norm=True,
     mixers=MIXERS,
     norm_offset=1.0,
-    gguf=None,
-    gguf_hint=GGUF_HINT.format(arch="qwen35"),
+    gguf=GGUF,
     onnx_type=None,
     onnx_hint=ONNX_HINT,
 )

@@ -7,6 +7,7 @@ behind the router ``mlp.gate`` plus a shared expert scaled by its sigmoid gate
 ``mlp.shared_expert_gate`` ([1, hidden]). Experts are fused in memory and per expert on disk, as in
 qwen2_moe. Router, shared-expert gate, ``in_proj_b``/``in_proj_a``, conv1d, ``A_log``/``dt_bias`` and
 the norms stay in full precision (Qwen's FP8 releases list the same modules as not converted).
+GGUF: llama.cpp's ``qwen35moe`` (experts in every layer, stacked as in qwen2_moe).
 """
 
 from dataclasses import replace
@@ -35,8 +36,9 @@ TEXT = replace(
     linear_groups=qwen3_5.LINEAR_ATTENTION + qwen3_5.qwen2.ATTENTION + EXPERTS,
     linear_shapes=linear_shapes,
     full_precision=qwen3_5.LINEAR_FULL_PRECISION + ("mlp.gate", "mlp.shared_expert_gate"),
+    scale_pairs=qwen3_5.ATTENTION_PAIRS + qwen2_moe.MLP_PAIRS,
     moe=MOE,
-    gguf_hint=qwen3_5.GGUF_HINT.format(arch="qwen35moe"),
+    gguf=replace(qwen3_5.GGUF, arch="QWEN35MOE", dense_layers=False),
 )
 
 FAMILY = replace(

@@ -11,14 +11,20 @@ Qwen3-Next FP8 release keeps ``in_proj_ba`` unconverted; it has 2 x 32 rows on t
 The MLP of a sparse layer is 512 routed experts (top-10) and a shared expert with its sigmoid gate,
 as in qwen2_moe (``decoder_sparse_step``/``mlp_only_layers`` pick dense layers). RMSNorms compute
 ``x * (1 + weight)``. MTP weights (``mtp.*``) are copied unchanged.
+
+GGUF: llama.cpp's ``qwen3next`` (``in_proj_qkvz`` split into ``attn_qkv`` + ``attn_gate``, see
+`deltanet_gguf`); it has experts and a shared expert in every layer, so dense layers are refused.
 """
 
 from dataclasses import replace
 
-from qwen_quant.models.family import Family, mlp_shapes
-from qwen_quant.models.families import qwen2, qwen2_moe, qwen3_5
+from qwen_quant.models.family import Family, ScalePair, mlp_shapes
+from qwen_quant.models.families import deltanet_gguf, qwen2, qwen2_moe, qwen3_5
 
 LINEAR_ATTENTION = (("linear_attn.in_proj_qkvz",), ("linear_attn.out_proj",))
+# AWQ: qwen3_5's folds with the fused projections (in_proj_ba takes the scale unquantized).
+SCALE_PAIRS = (ScalePair("input_layernorm", ("linear_attn.in_proj_qkvz",), "linear_attn", also=("linear_attn.in_proj_ba",)),
+               *qwen2.ATTENTION_PAIRS, *qwen2_moe.MLP_PAIRS)
 
 
 def linear_attention_shapes(c: dict) -> dict[str, tuple[int, int]]:
@@ -45,6 +51,8 @@ FAMILY = replace(
     linear_groups=LINEAR_ATTENTION + qwen2.ATTENTION + qwen2_moe.MLP,
     linear_shapes=linear_shapes,
     full_precision=("linear_attn.in_proj_ba", "mlp.gate", "mlp.shared_expert_gate"),
+    scale_pairs=SCALE_PAIRS,
     moe=qwen2_moe.MOE,
-    gguf_hint=qwen3_5.GGUF_HINT.format(arch="qwen3next"),
+    gguf=replace(qwen3_5.GGUF, arch="QWEN3NEXT", params=deltanet_gguf.next_params, tensors=deltanet_gguf.next_tensors,
+                 dense_layers=False),
 )
